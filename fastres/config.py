@@ -1,0 +1,214 @@
+"""One frozen dataclass holds every setting of a run; presets are named sets of overrides.
+
+    cfg = make_config("smoke", {"lr": "0.05"})   # preset, then typed overrides (strings allowed)
+
+Units are in the comments. Validation happens here, before any heavy work, and raises
+ConfigError with one clear message (the CLI prints it and exits with status 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, fields
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "paper"
+    # --- model -----------------------------------------------------------------------------
+    depth: int = 68                       # layers, 6n+2 (68: n=11 blocks per stage, the paper's)
+    widths: tuple[int, ...] = (16, 32, 64)  # channels of the three stages
+    # --- data ------------------------------------------------------------------------------
+    data: str = "./data"                  # folder with the .beton files (converted on demand)
+    train_limit: int = 0                  # images; 0 = all 50,000, else a class-balanced subset
+    test_limit: int = 0                   # images; 0 = all 10,000
+    augment: bool = True                  # random crop (pad 4 px) + horizontal flip
+    loader_workers: int = -1              # FFCV decode threads per process; -1 = all cores
+    # --- optimization ----------------------------------------------------------------------
+    epochs: int = 50
+    batch_size: int = 64                  # images per optimizer step, summed over all processes
+    eval_batch_size: int = 1000           # images per evaluation forward pass
+    lr: float = 0.01                      # peak learning rate at batch_size (see lr_ref_batch)
+    lr_ref_batch: int = 0                 # images; >0: linear scaling, peak lr = lr * batch_size / lr_ref_batch
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4            # L2 coefficient (not stated by the paper; common template value)
+    no_decay_bn_bias: bool = False        # exclude BN weights/biases and linear bias from weight decay
+    schedule: str = "cosine_epoch"        # cosine_epoch = CosineAnnealingLR(T_max=epochs) stepped per epoch;
+                                          # cosine_step = the same curve evaluated every step
+    warmup_epochs: float = 0.0            # epochs of linear warm-up from 0 to the peak lr (per step)
+    label_smoothing: float = 0.0          # probability mass spread uniformly over the 10 classes
+    ema: float = 0.0                      # weight EMA decay per step (0 = off); evaluation uses the EMA
+    tta: bool = False                     # evaluate on the mean logits of each image and its mirror
+    # --- performance switches (resolved once, at start; see fastres.runtime) ---------------
+    device: str = "auto"                  # auto | cpu | cuda
+    channels_last: bool = True            # NHWC memory for activations and weights
+    amp: str = "auto"                     # auto | on | off: bf16 autocast (auto = on for CUDA only)
+    compile: str = "auto"                 # auto | off | default | reduce-overhead (CUDA graphs) | max-autotune
+                                          # | max-autotune-no-cudagraphs (auto = default on CUDA, off on CPU)
+    fused_bn_relu: bool = False           # Triton BN+ReLU and BN+add+ReLU kernels (CUDA; see kernels/)
+    sync_bn: bool = False                 # SyncBatchNorm across processes (distributed runs)
+    # --- run -------------------------------------------------------------------------------
+    seed: int = 0                         # model init, data order and augmentation
+    out: str = "runs/latest"              # run folder: record.json, curves.png, last.pt
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # The seed paper's ResNet-68 recipe: SGD(0.9), lr 0.01, batch 64, cosine over 50 epochs. 90.14%.
+    "paper": {},
+    # Minutes on a 2-core CPU and still real learning.
+    "smoke": dict(depth=20, train_limit=10_000, epochs=2, batch_size=256, lr=0.1),
+    # Beyond the paper: same ResNet-68 and 50 epochs, better optimization (see README).
+    "tuned": dict(batch_size=128, lr=0.1, nesterov=True, label_smoothing=0.1, warmup_epochs=2,
+                  schedule="cosine_step", ema=0.999, tta=True, no_decay_bn_bias=True),
+    # Large batch for wall time on a GPU; lr scaled linearly from 0.1 per 128 images.
+    "throughput": dict(batch_size=512, lr=0.1, lr_ref_batch=128, nesterov=True, label_smoothing=0.1,
+                       warmup_epochs=5, schedule="cosine_step", ema=0.999, tta=True,
+                       no_decay_bn_bias=True, eval_batch_size=2000),
+}
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "amp": ("auto", "on", "off"),
+    "compile": ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "schedule": ("cosine_epoch", "cosine_step"),
+}
+
+_TYPES = typing.get_type_hints(Config)
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def parse_value(key: str, raw):
+    """Convert `raw` (a string from the command line, or a Python value) to the field's type."""
+    typ = _TYPES[key]
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                return raw
+            s = str(raw).lower()
+            if s in _TRUE | _FALSE:
+                return s in _TRUE
+            raise ValueError
+        if typ is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if typ is float:
+            return float(raw)
+        if typ is str:
+            return str(raw)
+        if typing.get_origin(typ) is tuple:
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(int(v) for v in items)
+    except (ValueError, TypeError):
+        pass
+    name = getattr(typ, "__name__", str(typ))
+    if typing.get_origin(typ) is tuple:
+        name = "comma-separated integers"
+    raise ConfigError(f"--{key.replace('_', '-')}: expected {name}, got {raw!r}")
+
+
+def validate(cfg: Config) -> Config:
+    def bad(key, msg):
+        raise ConfigError(f"--{key.replace('_', '-')}: {msg}")
+
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            bad(key, f"must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    if cfg.depth < 8 or (cfg.depth - 2) % 6:
+        bad("depth", f"must be 6n+2 with n >= 1 (8, 14, 20, 56, 68, 110, ...); got {cfg.depth}")
+    if len(cfg.widths) != 3 or min(cfg.widths) <= 0:
+        bad("widths", f"must be three positive integers; got {cfg.widths}")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg, key) <= 0:
+            bad(key, f"must be > 0; got {getattr(cfg, key)}")
+    if not cfg.lr > 0:  # also rejects NaN
+        bad("lr", f"must be > 0; got {cfg.lr}")
+    for key in ("train_limit", "test_limit", "lr_ref_batch", "weight_decay", "warmup_epochs"):
+        if not getattr(cfg, key) >= 0:
+            bad(key, f"must be >= 0; got {getattr(cfg, key)}")
+    for key in ("momentum", "label_smoothing", "ema"):
+        if not 0 <= getattr(cfg, key) < 1:
+            bad(key, f"must be in [0, 1); got {getattr(cfg, key)}")
+    if cfg.nesterov and cfg.momentum == 0:
+        bad("nesterov", "needs momentum > 0")
+    if cfg.warmup_epochs > cfg.epochs:
+        bad("warmup_epochs", f"({cfg.warmup_epochs}) exceeds --epochs ({cfg.epochs})")
+    return cfg
+
+
+def make_config(preset: str = "paper", overrides: dict | None = None) -> Config:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {"preset": preset, **PRESETS[preset]}
+    for key, raw in (overrides or {}).items():
+        key = key.replace("-", "_")
+        if key not in _TYPES or key == "preset":
+            raise ConfigError(f"unknown setting --{key.replace('_', '-')} (see 'fastres train --help')")
+        values[key] = parse_value(key, raw)
+    return validate(Config(**values))
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--lr', '0.1', '--no-decay-bn-bias', 'true'] -> {'lr': '0.1', 'no_decay_bn_bias': 'true'}.
+
+    '--key=value' works too. A bool flag given without a value means true.
+    """
+    out, i = {}, 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or len(a) == 2:
+            raise ConfigError(f"unexpected argument {a!r}; settings are given as --key value")
+        key, _, val = a[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in _TYPES or key == "preset":
+            raise ConfigError(f"unknown setting --{key.replace('_', '-')} (see 'fastres train --help')")
+        if not _:
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if _TYPES[key] is bool and (nxt is None or nxt.startswith("--")):
+                val = "true"
+            elif nxt is None:
+                raise ConfigError(f"--{key.replace('_', '-')} needs a value")
+            else:
+                val, i = nxt, i + 1
+        out[key] = val
+        i += 1
+    return out
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from to_dict() output (e.g. a checkpoint or record.json)."""
+    d = {k: v for k, v in d.items() if k in _TYPES}
+    if "widths" in d:
+        d["widths"] = tuple(d["widths"])
+    return validate(Config(**d))
+
+
+def describe(cfg: Config) -> str:
+    """The resolved config, one 'key = value' per line, for printing at start."""
+    return "\n".join(f"  {f.name:<18} = {json.dumps(getattr(cfg, f.name))}" for f in fields(cfg))
+
+
+def help_text() -> str:
+    """Every setting with its default and the comment beside it in Config, for --help."""
+    import inspect
+
+    defaults = {f.name: f.default for f in fields(Config)}
+    lines = []
+    for line in inspect.getsource(Config).splitlines():
+        s = line.strip()
+        name = s.split(":")[0]
+        if name in defaults and name != "preset":
+            comment = s.split("#", 1)[1].strip() if "#" in s else ""
+            lines.append(f"  --{name.replace('_', '-'):<20} {json.dumps(defaults[name]):<14} {comment}")
+        elif s.startswith("#") and lines and not s.startswith("# ---"):
+            lines[-1] += " " + s.lstrip("# ")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Data: FFCV loaders that deliver uint8 batches on the training device, and the batched
+augmentation (random crop with zero padding, horizontal flip, normalization) that runs there.
+
+No per-image Python runs after decoding: FFCV's compiled pipeline fills a uint8 NHWC batch,
+and `augment`/`normalize` are a handful of whole-batch tensor ops, identical on CPU and CUDA.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep import MANIFEST_FILE, TEST_FILE, TRAIN_FILE, balanced_indices, read_manifest
+
+
+def beton_labels(path: str | os.PathLike) -> np.ndarray:
+    """All labels of a .beton file without decoding images (FFCV keeps IntFields in its metadata)."""
+    from ffcv.reader import Reader
+
+    r = Reader(str(path))
+    return np.asarray(r.metadata["f" + str(list(r.handlers).index("label"))])
+
+
+def has_data(data_dir: str | os.PathLike) -> bool:
+    d = Path(data_dir)
+    return (d / TRAIN_FILE).is_file() and (d / TEST_FILE).is_file() and read_manifest(d) is not None
+
+
+def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: int = 0,
+                limit: int | None = None, num_workers: int = -1, distributed: bool = False,
+                shard: tuple[int, int] = (0, 1)):
+    """An FFCV Loader yielding (images uint8 (N, 32, 32, 3) NHWC, labels int64 (N,)) on `device`.
+
+    train=True: random order (epoch e's order depends only on seed and e), drop_last.
+    train=False: sequential order, keeps the last partial batch.
+    limit: a class-balanced subset of that many images (first ones of each class in file order).
+    distributed: FFCV's DistributedSampler gives each rank a disjoint share of the random order.
+    shard=(rank, world): keep every world-th image from rank on (disjoint sequential test shards).
+    """
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: .beton file not found (run fastres-prep)")
+    to_dev = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    indices = balanced_indices(beton_labels(path), limit) if limit else None
+    rank, world = shard
+    if world > 1:
+        indices = (np.arange(len(beton_labels(path))) if indices is None else indices)[rank::world]
+    if num_workers < 1:
+        num_workers = os.cpu_count() or 1
+    return Loader(
+        str(path), batch_size=batch_size, num_workers=num_workers, os_cache=True,
+        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+        drop_last=train, seed=seed, indices=indices, distributed=distributed,
+        pipelines={
+            "image": [SimpleRGBImageDecoder(), ToTensor(), *to_dev],
+            "label": [IntDecoder(), ToTensor(), Squeeze(-1), *to_dev],
+        })
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop (zero padding `pad` px on each side) and random horizontal flip, per image.
+
+    images: uint8 (N, H, W, C) NHWC on any device; returns a new tensor of the same shape.
+    Each image is shifted by (dy, dx) in [-pad, pad]^2, uniformly (81 offsets for pad=4), and
+    mirrored with probability 1/2. It is one gather: out[n, i, j] = padded[n, i + dy_n, j' + dx_n]
+    with j' = W-1-j for flipped images.
+    """
+    n, h, w, _ = images.shape
+    dev = images.device
+    if pad > 0:
+        images = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))  # zero fill H and W
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
+    rows = dy + torch.arange(h, device=dev)  # (N, H) source rows in the padded image
+    cols = torch.arange(w, device=dev).expand(n, w)
+    if flip:
+        mirrored = torch.randint(0, 2, (n, 1), device=dev, generator=generator).bool()
+        cols = torch.where(mirrored, cols.flip(1), cols)
+    cols = cols + dx  # (N, W)
+    batch = torch.arange(n, device=dev)[:, None, None]
+    return images[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
+              channels_last: bool = True) -> torch.Tensor:
+    """uint8 NHWC -> (x/255 - mean) / std as `dtype`, NCHW shape, channels_last memory if asked.
+
+    mean/std: float32 (C,) of pixel/255 on the same device.
+    """
+    x = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
+    x = (x.float() - (mean * 255).view(1, -1, 1, 1)) / (std * 255).view(1, -1, 1, 1)
+    x = x.to(dtype)
+    return x if channels_last else x.contiguous()
+
+
+class Batches:
+    """Training and test data for one run: FFCV loaders + on-device augmentation.
+
+    for x, y in data.train_epoch(e): x is normalized, augmented, `dtype`, channels_last.
+    for x, y in data.test():          x is normalized only.
+    """
+
+    def __init__(self, data_dir, batch_size: int, eval_batch_size: int, device: torch.device, seed: int,
+                 train_limit: int | None = None, test_limit: int | None = None, dtype=torch.float32,
+                 channels_last: bool = True, augment: bool = True, num_workers: int = -1,
+                 distributed: bool = False, rank: int = 0, world: int = 1):
+        d = Path(data_dir)
+        self.manifest = read_manifest(d)
+        if self.manifest is None:
+            raise FileNotFoundError(f"{d / MANIFEST_FILE}: manifest not found (run fastres-prep)")
+        self.device, self.seed, self.dtype = device, seed, dtype
+        self.channels_last, self.do_augment = channels_last, augment
+        self.mean = torch.tensor(self.manifest["mean"], dtype=torch.float32, device=device)
+        self.std = torch.tensor(self.manifest["std"], dtype=torch.float32, device=device)
+        self.train_loader = make_loader(d / TRAIN_FILE, batch_size, device, True, seed, train_limit,
+                                        num_workers, distributed)
+        self.test_loader = make_loader(d / TEST_FILE, eval_batch_size, device, False, seed, test_limit,
+                                       num_workers, distributed=False, shard=(rank, world))
+        self.num_train = len(self.train_loader.indices)
+        self.num_test = len(self.test_loader.indices)
+
+    def __len__(self):
+        return len(self.train_loader)
+
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        # Augmentation randomness is a pure function of (seed, epoch), like FFCV's order, so a
+        # resumed run sees exactly the batches an uninterrupted one would.
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 1_000_003 + epoch)
+        return g
+
+    def train_epoch(self, epoch: int):
+        self.train_loader.next_epoch = epoch  # FFCV's order for epoch e: permutation(seed + e)
+        g = self.epoch_generator(epoch)
+        for images, labels in self.train_loader:
+            if self.do_augment:
+                images = augment(images, g)
+            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), labels.long()
+
+    def test(self):
+        for images, labels in self.test_loader:
+            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), labels.long()

@@ -1,0 +1,93 @@
+"""Performance switches, resolved once at start into objects that do nothing when off.
+
+The training loop never branches on a switch: it calls `rt.autocast()` (a real bf16 autocast or
+a disabled one), runs `rt.compile(model)` (torch.compile or the identity), feeds inputs in
+`rt.memory_format`, and builds the model with `rt.norm` (PyTorch or Triton BN modules).
+`rt.summary` says what each switch resolved to and why; it goes into the run record.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Config
+from .model import TorchNorm
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp: bool                     # bf16 autocast on
+    compile_mode: str | None      # None = eager
+    channels_last: bool
+    fused_bn_relu: bool
+    norm: object = TorchNorm
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def compile(self, model):
+        return torch.compile(model, mode=self.compile_mode) if self.compile_mode else model
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve(cfg: Config, local_rank: int = 0) -> Runtime:
+    dev = resolve_device(cfg.device, local_rank)
+    cuda = dev.type == "cuda"
+    s = {"device": str(dev)}
+    if cuda:
+        s["device_name"] = torch.cuda.get_device_name(dev)
+        # TF32 for any fp32 matmul/conv left outside autocast: ~10 mantissa bits are plenty here.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    amp = cfg.amp == "on" or (cfg.amp == "auto" and cuda)
+    s["amp"] = "bf16" if amp else "off"
+    s["amp_why"] = f"--amp {cfg.amp}" + (" (on for CUDA, off on CPU)" if cfg.amp == "auto" else "")
+
+    if cfg.compile == "auto":
+        # CUDA: inductor's fused kernels pay back their compile time within the first epoch.
+        # CPU: eager measured faster than compiled per step on the 2-core reference machine once
+        # compile time is counted (bench/ 'step' group); so auto = off there.
+        mode = "default" if cuda else None
+        s["compile_why"] = "--compile auto: default on CUDA, off on CPU (eager measured faster there)"
+    else:
+        mode = None if cfg.compile == "off" else cfg.compile
+        s["compile_why"] = f"--compile {cfg.compile}"
+    if mode in ("reduce-overhead", "max-autotune") and not cuda:
+        s["compile_why"] += "; CUDA graphs need CUDA, so inductor skips them on CPU"
+    s["compile"] = mode or "off"
+
+    fused = cfg.fused_bn_relu
+    norm = TorchNorm
+    if fused:
+        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        if cuda or interp:
+            from kernels import FusedNorm
+            norm = FusedNorm
+            s["fused_bn_relu"] = "triton" + (" (interpreter)" if not cuda else "")
+        else:
+            fused = False
+            s["fused_bn_relu"] = ("off: requested, but Triton kernels need CUDA; falling back to the PyTorch "
+                                  "BN+ReLU path (TRITON_INTERPRET=1 runs them in the interpreter, for tests)")
+    else:
+        s["fused_bn_relu"] = "off"
+    s["channels_last"] = cfg.channels_last
+    return Runtime(dev, amp, mode, cfg.channels_last, fused, norm, s)

@@ -1,0 +1,402 @@
+"""fastres training, top to bottom.
+
+    train(cfg) -> record dict      (the CLI is fastres/cli.py)
+
+1. resolve the performance switches once (runtime.py) and join torchrun's group if launched by it
+2. make sure the .beton files exist (converting on demand), build loaders + on-device augmentation
+3. build ResNet, SGD, the per-step lr schedule and the (optional) weight EMA
+4. warm up (compilation, cuDNN autotuning) on random data, timed apart, then restore the state
+5. resume from RUN_DIR/last.pt if asked
+6. per epoch: train (progress bar), evaluate, print a table row, write record.json, curves.png
+   and last.pt (atomically); stop on a non-finite loss, keeping the last good checkpoint
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import runtime
+from .config import Config, from_dict
+from .data import Batches, has_data
+from .distributed import Dist
+from .model import count_params, resnet
+
+CHECKPOINT, RECORD, CURVES = "last.pt", "record.json", "curves.png"
+# Settings a resumed run may change: they move files or threads around, not the arithmetic.
+RESUME_MAY_DIFFER = {"out", "data", "loader_workers", "device", "eval_batch_size"}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces the loop uses: schedule, parameter groups, EMA, evaluation, checkpoint I/O
+# ---------------------------------------------------------------------------------------------
+def peak_lr(cfg: Config) -> float:
+    """Peak lr: cfg.lr, scaled linearly by batch_size / lr_ref_batch when lr_ref_batch > 0."""
+    return cfg.lr * (cfg.batch_size / cfg.lr_ref_batch if cfg.lr_ref_batch else 1.0)
+
+
+def lr_factor(cfg: Config, steps_per_epoch: int):
+    """Multiplier of the peak lr at optimizer step s (0-based), for LambdaLR stepped every step.
+
+    Linear warm-up over warmup_epochs, then cosine to 0. 'cosine_epoch' holds the lr constant
+    within an epoch, exactly like CosineAnnealingLR(T_max=epochs) stepped once per epoch.
+    """
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if cfg.schedule == "cosine_epoch":
+            return 0.5 * (1 + math.cos(math.pi * (s // steps_per_epoch) / cfg.epochs))
+        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """With no_decay_bn_bias, 1-D parameters (BN weight/bias, linear bias) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.no_decay_bn_bias:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+class EMA:
+    """Exponential moving average of the weights (buffers copied), used for evaluation.
+
+    decay 0 makes it a no-op whose `.model` is the trained model itself.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.source = decay, model
+        self.model = model
+        if decay > 0:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+            self._ema_p = list(self.model.parameters())
+            self._src_p = list(model.parameters())
+            self._ema_b, self._src_b = list(self.model.buffers()), list(model.buffers())
+
+    @torch.no_grad()
+    def update(self):
+        if self.decay > 0:
+            torch._foreach_lerp_(self._ema_p, self._src_p, 1 - self.decay)
+            for e, s in zip(self._ema_b, self._src_b):
+                e.copy_(s)
+
+    def state_dict(self):
+        return self.model.state_dict() if self.decay > 0 else None
+
+    def load_state_dict(self, sd):
+        if self.decay > 0:
+            self.model.load_state_dict(sd)
+
+
+@torch.no_grad()
+def evaluate(model, batches, rt: runtime.Runtime, tta: bool, dist: Dist) -> tuple[float, float]:
+    """(mean loss, accuracy) on the test set; with tta, on the mean logits of image and mirror."""
+    model.eval()
+    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    correct = torch.zeros((), device=rt.device, dtype=torch.int64)
+    count = torch.zeros((), device=rt.device, dtype=torch.int64)
+    for x, y in batches.test():
+        with rt.autocast():
+            logits = model(x).float()
+            if tta:
+                logits = 0.5 * (logits + model(x.flip(3)).float())
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        count += y.numel()
+    dist.sum(loss_sum), dist.sum(correct), dist.sum(count)
+    return loss_sum.item() / count.item(), correct.item() / count.item()
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over `path`: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def environment(rt: runtime.Runtime) -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
+            "ffcv": version("ffcv"), "numpy": version("numpy"), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(rt.device), "device_name": rt.summary.get("device_name", platform.processor() or "cpu"),
+            "git_commit": commit}
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    a1.plot(ep, [h["test_loss"] for h in history], "s-", label="test")
+    a1.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    a2.plot(ep, [100 * h["train_acc"] for h in history], "o-", label="train")
+    a2.plot(ep, [100 * h["test_acc"] for h in history], "s-", label="test")
+    a2.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def build_model(cfg: Config, rt: runtime.Runtime) -> torch.nn.Module:
+    return resnet(cfg.depth, cfg.widths, norm=rt.norm).to(rt.device, memory_format=rt.memory_format)
+
+
+def ensure_data(cfg: Config, dist: Dist, log=print) -> None:
+    """Convert CIFAR-10 into cfg.data (from $FASTRES_CIFAR10 or the torchvision download) if missing."""
+    if dist.main and not has_data(cfg.data):
+        from data_prep.cli import prepare
+        log(f"no .beton files in {cfg.data}: converting CIFAR-10 first")
+        prepare(None, cfg.data, download_dir=str(Path(cfg.data) / "downloads"))
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+ROW = "{epoch:>5} {lr:>9.5f} {train_loss:>10.4f} {train_acc:>9.2%} {test_loss:>9.4f} {test_acc:>8.2%} " \
+      "{train_s:>9.2f} {images_per_s:>9.0f}"
+HEAD = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'test_loss':>9} {'test_acc':>8} " \
+       f"{'train_s':>9} {'img/s':>9}"
+
+
+def train(cfg: Config, resume: bool = False, log=print) -> dict:
+    t_start = time.perf_counter()
+    dist = Dist.from_env(cfg.device)
+    log = log if dist.main else (lambda *a, **k: None)
+    rt = runtime.resolve(cfg, dist.local_rank)
+    out = Path(cfg.out)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % dist.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
+    rank_batch = cfg.batch_size // dist.world
+
+    log(f"fastres: preset {cfg.preset!r}, resolved config:")
+    log("\n".join(f"  {k:<18} = {json.dumps(v)}" for k, v in cfg.to_dict().items()))
+    log("switches: " + ", ".join(f"{k}={v}" for k, v in rt.summary.items() if not k.endswith("_why")))
+    for k, v in rt.summary.items():
+        if k.endswith("_why") or (k == "fused_bn_relu" and v.startswith("off:")):
+            log(f"  {k}: {v}")
+    if dist.world > 1:
+        log(f"distributed: world {dist.world}, backend {dist.backend}, per-rank batch {rank_batch}")
+
+    # --- data --------------------------------------------------------------------------------
+    ensure_data(cfg, dist, log)
+    batches = Batches(cfg.data, rank_batch, cfg.eval_batch_size, rt.device, cfg.seed,
+                      train_limit=cfg.train_limit or None, test_limit=cfg.test_limit or None,
+                      channels_last=rt.channels_last, augment=cfg.augment, num_workers=cfg.loader_workers,
+                      distributed=dist.world > 1, rank=dist.rank, world=dist.world)
+    steps = len(batches)
+    if steps == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {batches.num_train} training images")
+
+    # --- model, optimizer, schedule, EMA -------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, rt)
+    if cfg.sync_bn and dist.world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    n_params = count_params(model)
+    log(f"model: resnet{cfg.depth} widths {list(cfg.widths)}, {n_params:,} trainable parameters; "
+        f"data: {batches.num_train:,} train / {batches.num_test:,} test images, {steps} steps/epoch")
+    opt = torch.optim.SGD(param_groups(model, cfg), lr=peak_lr(cfg), momentum=cfg.momentum,
+                          nesterov=cfg.nesterov)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
+    ema = EMA(model, cfg.ema)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    train_model = rt.compile(dist.wrap(model, rt.device))
+    eval_model = rt.compile(ema.model) if cfg.ema > 0 else train_model
+
+    def step(x, y):
+        with rt.autocast():
+            logits = train_model(x)
+            loss = criterion(logits, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        ema.update()
+        return loss.detach(), logits.detach()
+
+    # --- warm-up: compile and autotune on random data, then put everything back ----------------
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict()))
+    g = torch.Generator(device=rt.device).manual_seed(12345)
+    x = torch.randn(rank_batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
+    y = torch.randint(0, 10, (rank_batch,), generator=g, device=rt.device)
+    rt_sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    model.train()
+    step(x, y)
+    rt_sync()
+    t1 = time.perf_counter()
+    step(x, y)
+    rt_sync()
+    step_s = time.perf_counter() - t1
+    with torch.no_grad(), rt.autocast():
+        eval_model.eval()
+        eval_model(x[: min(rank_batch, cfg.eval_batch_size)])
+    rt_sync()
+    warmup_s = time.perf_counter() - t0
+    model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
+    ema.load_state_dict(saved[3])
+    del saved
+    estimate_s = step_s * steps * cfg.epochs * 1.15  # +15% for evaluation
+    log(f"warm-up (compile/autotune) {warmup_s:.1f} s; one step {step_s * 1000:.0f} ms -> "
+        f"estimated training time {estimate_s / 60:.1f} min")
+    if rt.device.type == "cpu" and estimate_s > 30 * 60:
+        log(f"NOTE: no GPU; this run will take about {estimate_s / 3600:.1f} h on this CPU. "
+            "For a run of a few minutes use --preset smoke.")
+
+    # --- resume ------------------------------------------------------------------------------
+    history, start_epoch, prior_train_s = [], 0, 0.0
+    ckpt_path = out / CHECKPOINT
+    if resume:
+        if ckpt_path.is_file():
+            ck = torch.load(ckpt_path, map_location=rt.device, weights_only=False)
+            old = from_dict(ck["config"])
+            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_dict()
+                    if k not in RESUME_MAY_DIFFER and getattr(old, k) != getattr(cfg, k)}
+            if diff:
+                raise ResumeError(f"{ckpt_path} was written with other settings: " +
+                                  ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items()))
+            model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"]), ema.load_state_dict(ck["ema"])
+            set_rng_state(ck["rng"])
+            history, start_epoch = ck["history"], ck["epoch"]
+            prior_train_s = sum(h["train_s"] for h in history)
+            log(f"resumed from {ckpt_path} after epoch {start_epoch}")
+        else:
+            log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
+
+    record = {"config": cfg.to_dict(), "switches": rt.summary, "environment": environment(rt),
+              "parameters": n_params, "num_train": batches.num_train, "num_test": batches.num_test,
+              "steps_per_epoch": steps, "world_size": dist.world, "backend": dist.backend,
+              "per_rank_batch": rank_batch, "warmup_s": round(warmup_s, 3), "status": "running"}
+
+    def save_record(status: str):
+        if not dist.main:
+            return
+        record.update(status=status, epochs=history, resumed_at_epoch=start_epoch if resume else None,
+                      train_s_total=round(sum(h["train_s"] for h in history), 3),
+                      eval_s_total=round(sum(h["eval_s"] for h in history), 3),
+                      wall_s_this_process=round(time.perf_counter() - t_start, 3))
+        if history:
+            record.update(final_test_acc=history[-1]["test_acc"], final_test_loss=history[-1]["test_loss"],
+                          best_test_acc=max(h["test_acc"] for h in history),
+                          mean_epoch_train_s=round(record["train_s_total"] / len(history), 4))
+        atomic_write(out / RECORD, lambda p: p.write_text(json.dumps(record, indent=2, default=str)))
+
+    # --- epochs ------------------------------------------------------------------------------
+    log(HEAD)
+    for h in history:
+        log(ROW.format(**h))
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        lr = opt.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+        correct = torch.zeros((), device=rt.device, dtype=torch.int64)
+        seen = 0
+        rt_sync()
+        t0 = time.perf_counter()
+        bar = tqdm(batches.train_epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   leave=False, disable=None if dist.main else True, mininterval=0.5)
+        for i, (x, y) in enumerate(bar):
+            loss, logits = step(x, y)
+            loss_sum += loss * y.numel()
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.numel()
+            if (i + 1) % 25 == 0 or i + 1 == steps:  # one host sync per 25 steps
+                if not torch.isfinite(loss_sum):
+                    save_record("diverged")
+                    raise NonFiniteLoss(
+                        f"non-finite training loss at epoch {epoch + 1}, step {i + 1} (lr {lr:g}); "
+                        f"stopped. The last good checkpoint ({ckpt_path}, after epoch {start_epoch if not history else history[-1]['epoch']}) "
+                        "is kept; lower --lr or check the data.")
+        rt_sync()
+        train_s = time.perf_counter() - t0
+        seen_t = dist.sum(torch.tensor(seen, device=rt.device))
+        dist.sum(loss_sum), dist.sum(correct)
+        t0 = time.perf_counter()
+        test_loss, test_acc = evaluate(eval_model, batches, rt, cfg.tta, dist)
+        eval_s = time.perf_counter() - t0
+        n = seen_t.item()
+        h = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
+             "test_loss": test_loss, "test_acc": test_acc, "train_s": round(train_s, 4),
+             "eval_s": round(eval_s, 4), "images_per_s": round(n / train_s, 1)}
+        history.append(h)
+        log(ROW.format(**h))
+        if dist.main:
+            ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "ema": ema.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(), "history": history,
+                  "rng": rng_state()}
+            atomic_write(ckpt_path, lambda p: torch.save(ck, p))
+            save_record("running" if epoch + 1 < cfg.epochs else "finished")
+            plot_curves(history, out / CURVES, f"resnet{cfg.depth}, preset {cfg.preset}")
+        dist.barrier()
+
+    if dist.main:
+        save_record("finished")
+        log(f"final test accuracy {history[-1]['test_acc']:.2%}; training {record['train_s_total']:.1f} s, "
+            f"evaluation {record['eval_s_total']:.1f} s, warm-up {warmup_s:.1f} s; record: {out / RECORD}")
+    dist.close()
+    return record

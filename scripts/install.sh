@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One-step install of fastres on a fresh Debian/Ubuntu machine (Python >= 3.11).
+# Safe to run twice: every step is skipped or a no-op when already done.
+#   1. Debian packages that FFCV's C helper builds against (OpenCV, libturbojpeg, pkg-config).
+#   2. A virtual environment in ./.venv (or the one named by $VENV).
+#   3. torch/torchvision FIRST: ffcv's build would otherwise pull an arbitrary torch.
+#   4. fastres itself (editable) with its test extra; this builds ffcv 1.0.2 from source.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+need_apt=0
+for p in libopencv-dev libturbojpeg0-dev pkg-config; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_apt=1
+done
+if [ "$need_apt" = 1 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    libopencv-dev libturbojpeg0-dev pkg-config >/dev/null
+fi
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip setuptools wheel
+# torch 2.14.1 is the newest we test; >=2.4 keeps GPU images with torch 2.11 working.
+"$PY" -c 'import torch, torchvision' 2>/dev/null || \
+  "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+"$PY" -m pip install -q -e '.[test]'
+echo "fastres installed in $VENV"

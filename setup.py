@@ -1,0 +1,28 @@
+from setuptools import setup
+
+setup(
+    name="fastres",
+    version="0.1.0",
+    description="High-throughput CIFAR-10 ResNet trainer: FFCV data, device-side augmentation, "
+                "AMP, torch.compile and Triton kernels.",
+    python_requires=">=3.11",
+    packages=["fastres", "kernels", "data_prep", "bench"],
+    install_requires=[
+        "torch>=2.4,<=2.14.1",
+        "torchvision>=0.19,<=0.29.1",
+        "ffcv==1.0.2",
+        "numba>=0.60",
+        "triton; platform_system=='Linux'",
+        "numpy>=1.24",
+        "pillow",  # ffcv imports PIL but does not declare it
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    entry_points={
+        "console_scripts": [
+            "fastres=fastres.cli:main",
+            "fastres-prep=data_prep.cli:main",
+        ]
+    },
+)
