@@ -65,7 +65,7 @@ PRESETS: dict[str, dict] = {
     # The seed paper's ResNet-68 recipe: SGD(0.9), lr 0.01, batch 64, cosine over 50 epochs. 90.14%.
     "paper": {},
     # Minutes on a 2-core CPU and still real learning.
-    "smoke": dict(depth=20, train_limit=10_000, epochs=2, batch_size=256, lr=0.1),
+    "smoke": dict(depth=20, train_limit=10_000, epochs=2, batch_size=256, lr=0.1, schedule="cosine_step"),
     # Beyond the paper: same ResNet-68 and 50 epochs, better optimization (see README).
     "tuned": dict(batch_size=128, lr=0.1, nesterov=True, label_smoothing=0.1, warmup_epochs=2,
                   schedule="cosine_step", ema=0.999, tta=True, no_decay_bn_bias=True),

@@ -140,8 +140,13 @@ class Batches:
         for images, labels in self.train_loader:
             if self.do_augment:
                 images = augment(images, g)
-            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), labels.long()
+            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), _own(labels)
 
     def test(self):
         for images, labels in self.test_loader:
-            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), labels.long()
+            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), _own(labels)
+
+
+def _own(labels: torch.Tensor) -> torch.Tensor:
+    # FFCV reuses its output buffers a few batches later; a copy (N int64s) keeps ours valid.
+    return labels.to(torch.int64, copy=True)

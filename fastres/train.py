@@ -83,6 +83,11 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
+def make_criterion(cfg: Config) -> torch.nn.Module:
+    """Cross-entropy; label_smoothing moves that much probability mass to a uniform target."""
+    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
 class EMA:
     """Exponential moving average of the weights (buffers copied), used for evaluation.
 
@@ -263,7 +268,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                           nesterov=cfg.nesterov)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
     ema = EMA(model, cfg.ema)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = make_criterion(cfg)
     train_model = rt.compile(dist.wrap(model, rt.device))
     eval_model = rt.compile(ema.model) if cfg.ema > 0 else train_model
 
@@ -368,10 +373,10 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             if (i + 1) % 25 == 0 or i + 1 == steps:  # one host sync per 25 steps
                 if not torch.isfinite(loss_sum):
                     save_record("diverged")
-                    raise NonFiniteLoss(
-                        f"non-finite training loss at epoch {epoch + 1}, step {i + 1} (lr {lr:g}); "
-                        f"stopped. The last good checkpoint ({ckpt_path}, after epoch {start_epoch if not history else history[-1]['epoch']}) "
-                        "is kept; lower --lr or check the data.")
+                    kept = (f"the last good checkpoint {ckpt_path} (after epoch {history[-1]['epoch']}) is kept"
+                            if history else "no checkpoint of this run was written")
+                    raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, step {i + 1} "
+                                        f"(lr {lr:g}); stopped: {kept}. Lower --lr or check the data.")
         rt_sync()
         train_s = time.perf_counter() - t0
         seen_t = dist.sum(torch.tensor(seen, device=rt.device))

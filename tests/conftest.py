@@ -1,0 +1,72 @@
+"""Shared fixtures: the real CIFAR-10 (from $FASTRES_CIFAR10) and small converted slices of it.
+
+Without the data, tests that need it fail under CI (CI=true) and skip elsewhere, with the reason.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _find_cifar() -> Path | None:
+    """$FASTRES_CIFAR10, else ../shared/data/cifar10, else what `fastres train` downloaded."""
+    from data_prep.sources import SourceError, detect
+
+    env = os.environ.get("FASTRES_CIFAR10")
+    for c in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data" / "cifar10",
+                                             REPO / "data" / "downloads"]:
+        try:
+            detect(c)
+            return c
+        except SourceError:
+            pass
+    return None
+
+
+def need_cifar() -> Path:
+    path = _find_cifar()
+    if path is None:
+        msg = ("real CIFAR-10 not found: set FASTRES_CIFAR10 to a folder with train.npz/test.npz or "
+               "cifar-10-batches-py "
+               f"(looked at ${{FASTRES_CIFAR10}}={os.environ.get('FASTRES_CIFAR10')!r} and ../shared/data/cifar10)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    return need_cifar()
+
+
+@pytest.fixture(scope="session")
+def cifar(cifar_dir):
+    """The real arrays: {'train': (images, labels), 'test': (images, labels)}."""
+    from data_prep.sources import load
+
+    train, test = load(cifar_dir)
+    return {"train": (train.images, train.labels), "test": (test.images, test.labels)}
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, cifar_dir) -> Path:
+    """A converted class-balanced slice: 2,000 train and 500 test images."""
+    from data_prep.cli import prepare
+
+    out = tmp_path_factory.mktemp("small_data")
+    prepare(str(cifar_dir), str(out), limit_train=2000, limit_test=500, log=lambda *a: None)
+    return out
+
+
+def run_cli(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m <args>` from the repo root and capture its output."""
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=REPO, env=e, capture_output=True,
+                          text=True, timeout=timeout, **kw)

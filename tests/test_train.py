@@ -1,0 +1,117 @@
+"""The trainer end to end on real data: artifacts, resume after SIGKILL, the non-finite guard."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+
+TINY = ["--preset", "smoke", "--depth", "8", "--train-limit", "0", "--epochs", "3", "--batch-size", "100",
+        "--loader-workers", "2"]
+
+
+def train_cmd(data, out, *extra):
+    return ["fastres", "train", "--data", data, "--out", out, *TINY, *extra]
+
+
+def test_run_writes_record_curves_checkpoint(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*train_cmd(small_data, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train_loss" in r.stdout and "test_acc" in r.stdout  # the table
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["status"] == "finished" and len(rec["epochs"]) == 3
+    for key in ("config", "environment", "switches", "warmup_s", "final_test_acc", "train_s_total", "eval_s_total"):
+        assert key in rec
+    for key in ("python", "torch", "triton", "ffcv", "device_name", "git_commit"):
+        assert key in rec["environment"]
+    e = rec["epochs"][-1]
+    for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_s", "eval_s", "images_per_s"):
+        assert key in e
+    assert rec["num_train"] == 2000 and rec["num_test"] == 500 and rec["steps_per_epoch"] == 20
+    assert rec["epochs"][-1]["train_loss"] < rec["epochs"][0]["train_loss"]  # it learns
+    assert rec["final_test_acc"] > 0.2  # well above the 10% of chance after 3 epochs
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng", "config"} <= set(ck)
+    # fastres eval reproduces the run's final test accuracy from the checkpoint.
+    r = run_cli("fastres", "eval", out / "last.pt", "--data", small_data)
+    assert r.returncode == 0, r.stderr
+    assert f"{100 * rec['final_test_acc']:.2f}%" in r.stdout
+
+
+def _wait_for(pred, proc, timeout=300):
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(small_data, tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    r = run_cli(*train_cmd(small_data, ref))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # 1) killed right after the first checkpoint appears (mid-epoch 2)
+    p = subprocess.Popen([sys.executable, "-m", *map(str, train_cmd(small_data, cut))], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (cut / "last.pt").exists(), p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert torch.load(cut / "last.pt", weights_only=False)["epoch"] < 3
+    # 2) resumed, and killed again shortly after it starts training
+    p = subprocess.Popen([sys.executable, "-m", *map(str, train_cmd(small_data, cut, "--resume"))], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:
+        if line.startswith("resumed from"):
+            break
+    time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    # 3) resumed to the end
+    r = run_cli(*train_cmd(small_data, cut, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+
+    a, b = (json.loads((d / "record.json").read_text()) for d in (ref, cut))
+    metrics = ("lr", "train_loss", "train_acc", "test_loss", "test_acc")
+    assert [[e[k] for k in metrics] for e in a["epochs"]] == [[e[k] for k in metrics] for e in b["epochs"]]
+    ma, mb = (torch.load(d / "last.pt", weights_only=False)["model"] for d in (ref, cut))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_resume_refuses_other_settings(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*train_cmd(small_data, out, "--epochs", "1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(*train_cmd(small_data, out, "--epochs", "1", "--lr", "0.05", "--resume"))
+    assert r.returncode == 2 and "--lr 0.1 (now 0.05)" in r.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*train_cmd(small_data, out, "--epochs", "1"))
+    assert r.returncode == 0
+    good = (out / "last.pt").read_bytes()
+    r = run_cli(*train_cmd(small_data, out, "--epochs", "1", "--lr", "1e30"))
+    assert r.returncode == 3
+    assert "non-finite training loss" in r.stderr
+    assert (out / "last.pt").read_bytes() == good
+    assert json.loads((out / "record.json").read_text())["status"] == "diverged"
+
+
+def test_missing_data_is_converted_on_demand(cifar_dir, tmp_path):
+    """With no .beton files in --data, train converts from $FASTRES_CIFAR10 first."""
+    data = tmp_path / "data"
+    r = run_cli("fastres", "train", "--data", data, "--out", tmp_path / "run", "--preset", "smoke", "--depth", "8",
+                "--epochs", "1", "--train-limit", "500", "--test-limit", "200", "--batch-size", "100",
+                env={"FASTRES_CIFAR10": str(cifar_dir)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "converting CIFAR-10 first" in r.stdout
+    assert (data / "cifar10_train.beton").is_file() and (data / "cifar10_manifest.json").is_file()
