@@ -1,0 +1,64 @@
+"""Performance switches: each resolves once, shows in the record, and falls back cleanly on CPU."""
+import json
+import pytest
+
+from conftest import run_cli
+from fastres.config import make_config
+from fastres.runtime import resolve
+
+TINY = ["--preset", "smoke", "--depth", "8", "--epochs", "1", "--train-limit", "200", "--test-limit", "100",
+        "--batch-size", "50", "--loader-workers", "2"]
+
+
+def record(out):
+    return json.loads((out / "record.json").read_text())
+
+
+def test_cpu_defaults_resolve_to_no_ops():
+    rt = resolve(make_config("paper", {"device": "cpu"}))
+    assert rt.summary["amp"] == "off" and rt.summary["compile"] == "off" and rt.compile_mode is None
+    assert rt.amp is False
+    m = object()
+    assert rt.compile(m) is m
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = run_cli("fastres", "train", "--device", "cuda", *TINY, "--out", "/tmp/never", timeout=120)
+    assert r.returncode != 0 and "no CUDA device" in r.stderr
+
+
+def test_fused_without_cuda_falls_back_and_says_so(small_data, tmp_path):
+    r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--fused-bn-relu",
+                env={"TRITON_INTERPRET": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "falling back to the PyTorch BN+ReLU path" in r.stdout
+    assert record(tmp_path / "r")["switches"]["fused_bn_relu"].startswith("off: requested")
+
+
+def test_fused_under_interpreter_trains(small_data, tmp_path):
+    # The interpreter is slow: 2 steps of 20 images, 20 test images.
+    r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--fused-bn-relu",
+                "--train-limit", "40", "--batch-size", "20", "--test-limit", "20", env={"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = record(tmp_path / "r")
+    assert rec["switches"]["fused_bn_relu"] == "triton (interpreter)"
+    assert rec["status"] == "finished" and rec["epochs"][0]["train_loss"] > 0
+
+
+def test_bf16_autocast_on_cpu_when_asked(small_data, tmp_path):
+    r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--amp", "on",
+                "--channels-last", "false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = record(tmp_path / "r")["switches"]
+    assert s["amp"] == "bf16" and s["channels_last"] is False
+
+
+@pytest.mark.slow
+def test_compile_on_cpu(small_data, tmp_path):
+    r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--compile", "default")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = record(tmp_path / "r")
+    assert rec["switches"]["compile"] == "default" and rec["warmup_s"] > 0
