@@ -14,7 +14,7 @@ settings (any of them as --key value; booleans also as a bare --key; defaults ar
 
 presets: {presets}
   paper       the seed paper's ResNet-68 recipe (SGD 0.9, lr 0.01, batch 64, cosine, 50 epochs): 90.14%
-  smoke       resnet20 on a 10,000-image class-balanced slice, 2 epochs: minutes on a CPU
+  smoke       resnet20 on a 10,000-image class-balanced slice, 3 epochs: minutes on a CPU
   tuned       ResNet-68, 50 epochs, Nesterov + label smoothing + warm-up + EMA + flip TTA
   throughput  ResNet-68, 50 epochs at batch 512 with linear lr scaling, for wall time on a GPU
 

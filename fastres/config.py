@@ -48,7 +48,8 @@ class Config:
     # --- performance switches (resolved once, at start; see fastres.runtime) ---------------
     device: str = "auto"                  # auto | cpu | cuda
     channels_last: bool = True            # NHWC memory for activations and weights
-    amp: str = "auto"                     # auto | on | off: bf16 autocast (auto = on for CUDA only)
+    amp: str = "auto"                     # auto | on | off: bf16 autocast (auto = on for CUDA and for
+                                          # CPUs with native bf16, AMX or AVX512-BF16)
     compile: str = "auto"                 # auto | off | default | reduce-overhead (CUDA graphs) | max-autotune
                                           # | max-autotune-no-cudagraphs (auto = default on CUDA, off on CPU)
     fused_bn_relu: bool = False           # Triton BN+ReLU and BN+add+ReLU kernels (CUDA; see kernels/)
@@ -65,7 +66,7 @@ PRESETS: dict[str, dict] = {
     # The seed paper's ResNet-68 recipe: SGD(0.9), lr 0.01, batch 64, cosine over 50 epochs. 90.14%.
     "paper": {},
     # Minutes on a 2-core CPU and still real learning.
-    "smoke": dict(depth=20, train_limit=10_000, epochs=2, batch_size=256, lr=0.1, schedule="cosine_step"),
+    "smoke": dict(depth=20, train_limit=10_000, epochs=3, batch_size=256, lr=0.1, schedule="cosine_step"),
     # Beyond the paper: same ResNet-68 and 50 epochs, better optimization (see README).
     "tuned": dict(batch_size=128, lr=0.1, nesterov=True, label_smoothing=0.1, warmup_epochs=2,
                   schedule="cosine_step", ema=0.999, tta=True, no_decay_bn_bias=True),

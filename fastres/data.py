@@ -67,34 +67,35 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip
 
     images: uint8 (N, H, W, C) NHWC on any device; returns a new tensor of the same shape.
     Each image is shifted by (dy, dx) in [-pad, pad]^2, uniformly (81 offsets for pad=4), and
-    mirrored with probability 1/2. It is one gather: out[n, i, j] = padded[n, i + dy_n, j' + dx_n]
-    with j' = W-1-j for flipped images.
+    mirrored with probability 1/2. It is one gather of whole pixels from the padded batch:
+    out[n, i, j] = padded[n, i + dy_n, j' + dx_n], with j' = W-1-j for mirrored images. Only the
+    final index add and the gather touch N*H*W elements; everything else is (N, H) or (N, W).
     """
-    n, h, w, _ = images.shape
+    n, h, w, c = images.shape
     dev = images.device
-    if pad > 0:
-        images = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))  # zero fill H and W
+    padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))  # zero fill H and W
+    hp, wp = h + 2 * pad, w + 2 * pad
     dy = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
-    rows = dy + torch.arange(h, device=dev)  # (N, H) source rows in the padded image
     cols = torch.arange(w, device=dev).expand(n, w)
     if flip:
         mirrored = torch.randint(0, 2, (n, 1), device=dev, generator=generator).bool()
         cols = torch.where(mirrored, cols.flip(1), cols)
-    cols = cols + dx  # (N, W)
-    batch = torch.arange(n, device=dev)[:, None, None]
-    return images[batch, rows[:, :, None], cols[:, None, :]]
+    # Flat pixel index into padded viewed as (N*hp*wp, C): row part (N, H) + column part (N, W).
+    rows = ((torch.arange(n, device=dev)[:, None] * hp + dy + torch.arange(h, device=dev)) * wp)
+    index = (rows[:, :, None] + (cols + dx)[:, None, :]).view(-1)
+    return padded.view(-1, c).index_select(0, index).view(n, h, w, c)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
               channels_last: bool = True) -> torch.Tensor:
     """uint8 NHWC -> (x/255 - mean) / std as `dtype`, NCHW shape, channels_last memory if asked.
 
-    mean/std: float32 (C,) of pixel/255 on the same device.
+    mean/std: float32 (C,) of pixel/255 on the same device. One fused pass: x * scale + shift,
+    with scale = 1/(255 std) and shift = -mean/std per channel.
     """
-    x = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last
-    x = (x.float() - (mean * 255).view(1, -1, 1, 1)) / (std * 255).view(1, -1, 1, 1)
-    x = x.to(dtype)
+    x = torch.addcmul(-mean / std, images, 1 / (255 * std))  # (N, H, W, C) float32
+    x = x.permute(0, 3, 1, 2).to(dtype)  # NCHW view of NHWC memory = channels_last
     return x if channels_last else x.contiguous()
 
 

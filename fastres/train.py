@@ -203,6 +203,23 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def make_train_step(model, opt, sched, ema, criterion, rt: runtime.Runtime):
+    """One optimizer step on a batch -> (loss, logits), both detached and left on the device."""
+
+    def step(x, y):
+        with rt.autocast():
+            logits = model(x)
+            loss = criterion(logits, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        ema.update()
+        return loss.detach(), logits.detach()
+
+    return step
+
+
 def build_model(cfg: Config, rt: runtime.Runtime) -> torch.nn.Module:
     return resnet(cfg.depth, cfg.widths, norm=rt.norm).to(rt.device, memory_format=rt.memory_format)
 
@@ -272,16 +289,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     train_model = rt.compile(dist.wrap(model, rt.device))
     eval_model = rt.compile(ema.model) if cfg.ema > 0 else train_model
 
-    def step(x, y):
-        with rt.autocast():
-            logits = train_model(x)
-            loss = criterion(logits, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        ema.update()
-        return loss.detach(), logits.detach()
+    step = make_train_step(train_model, opt, sched, ema, criterion, rt)
 
     # --- warm-up: compile and autotune on random data, then put everything back ----------------
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict()))

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import run_cli
 from fastres.config import make_config
-from fastres.runtime import resolve
+from fastres.runtime import cpu_has_bf16, resolve
 
 TINY = ["--preset", "smoke", "--depth", "8", "--epochs", "1", "--train-limit", "200", "--test-limit", "100",
         "--batch-size", "50", "--loader-workers", "2"]
@@ -16,8 +16,9 @@ def record(out):
 
 def test_cpu_defaults_resolve_to_no_ops():
     rt = resolve(make_config("paper", {"device": "cpu"}))
-    assert rt.summary["amp"] == "off" and rt.summary["compile"] == "off" and rt.compile_mode is None
-    assert rt.amp is False
+    assert rt.summary["compile"] == "off" and rt.compile_mode is None
+    assert rt.amp is cpu_has_bf16() and rt.summary["amp"] == ("bf16" if cpu_has_bf16() else "off")
+    assert resolve(make_config("paper", {"device": "cpu", "amp": "off"})).amp is False
     m = object()
     assert rt.compile(m) is m
 
@@ -48,12 +49,13 @@ def test_fused_under_interpreter_trains(small_data, tmp_path):
     assert rec["status"] == "finished" and rec["epochs"][0]["train_loss"] > 0
 
 
-def test_bf16_autocast_on_cpu_when_asked(small_data, tmp_path):
-    r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--amp", "on",
+@pytest.mark.parametrize("amp", ["on", "off"])
+def test_amp_switch_reaches_the_record(small_data, tmp_path, amp):
+    r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--amp", amp,
                 "--channels-last", "false")
     assert r.returncode == 0, r.stderr[-2000:]
     s = record(tmp_path / "r")["switches"]
-    assert s["amp"] == "bf16" and s["channels_last"] is False
+    assert s["amp"] == ("bf16" if amp == "on" else "off") and s["channels_last"] is False
 
 
 @pytest.mark.slow

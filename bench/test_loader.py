@@ -1,0 +1,88 @@
+"""Group 'loader': images/s of the training input path, fastres vs. a torchvision DataLoader.
+
+Both deliver the same images, augmented (random crop 32 with padding 4, horizontal flip) and
+normalized, as float32 batches of BATCH on the training device. A round pulls ROUND_BATCHES
+batches from an already-running stream, so worker start-up and JIT compilation are excluded
+(they are reported as warmup_s).
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.common import CUDA, DEVICE, MINIMAL, median_s, sync, timed
+from fastres.data import Batches, make_loader
+
+BATCH = 512
+ROUND_BATCHES = 2 if MINIMAL else 20
+ROUNDS = 1 if MINIMAL else 5
+
+
+def stream(epoch_iter):
+    """Endless batches across epochs."""
+    e = 0
+    while True:
+        yield from epoch_iter(e)
+        e += 1
+
+
+def report(benchmark, warmup_s):
+    benchmark.extra_info.update(batch_size=BATCH, images_per_round=BATCH * ROUND_BATCHES, warmup_s=warmup_s,
+                                images_per_s=BATCH * ROUND_BATCHES / median_s(benchmark), device=str(DEVICE))
+
+
+def pull(it):
+    for _ in range(ROUND_BATCHES):
+        x, y = next(it)
+    sync()
+    return x
+
+
+@pytest.mark.benchmark(group="loader")
+def test_ffcv_device_aug(benchmark, bench_data):
+    b = Batches(bench_data, BATCH, 1000, DEVICE, seed=0)
+    it = stream(b.train_epoch)
+    _, warm = timed(pull, it)
+    x = benchmark.pedantic(pull, args=(it,), rounds=ROUNDS, iterations=1)
+    assert x.shape == (BATCH, 3, 32, 32) and x.dtype == torch.float32
+    report(benchmark, warm)
+
+
+class TorchvisionCIFAR(torch.utils.data.Dataset):
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def beton_arrays(path):
+    loader = make_loader(path, 1000, torch.device("cpu"), train=False, num_workers=2)
+    xs, ys = zip(*[(x.numpy().copy(), y.numpy().copy()) for x, y in loader])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+@pytest.mark.benchmark(group="loader")
+def test_torchvision_dataloader(benchmark, bench_data):
+    import torchvision.transforms as T
+    from data_prep import read_manifest
+
+    m = read_manifest(bench_data)
+    images, labels = beton_arrays(bench_data / "cifar10_train.beton")
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(m["mean"], m["std"])])
+    dl = torch.utils.data.DataLoader(TorchvisionCIFAR(images, labels, tf), batch_size=BATCH, shuffle=True,
+                                     num_workers=2, drop_last=True, persistent_workers=True, pin_memory=CUDA)
+
+    def epoch(_):
+        for x, y in dl:
+            yield x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)
+
+    it = stream(epoch)
+    _, warm = timed(pull, it)
+    x = benchmark.pedantic(pull, args=(it,), rounds=ROUNDS, iterations=1)
+    assert x.shape == (BATCH, 3, 32, 32)
+    report(benchmark, warm)

@@ -1,0 +1,71 @@
+"""Group 'step': images/s of one ResNet-68 training step (forward, backward, SGD) at batch 64 and 512.
+
+eager_baseline is fp32, NCHW, no compile. fastres_default is what `--device` resolves to by
+default on this machine. Each other variant turns on one switch alone over the baseline. Inputs
+are a fixed batch already on the device, so only the step is timed. Warm-up steps (compilation,
+autotuning) are timed apart and reported as warmup_s.
+"""
+import pytest
+import torch
+
+from bench.common import CUDA, DEVICE, MINIMAL, median_s, sync, timed
+from fastres import runtime
+from fastres.config import make_config
+from fastres.train import EMA, build_model, make_criterion, make_train_step, peak_lr
+from fastres.model import count_params
+
+BASE = {"channels_last": False, "amp": "off", "compile": "off", "fused_bn_relu": False}
+VARIANTS = {
+    "eager_baseline": BASE,
+    "fastres_default": {},
+    "channels_last": {**BASE, "channels_last": True},
+    "amp_bf16": {**BASE, "amp": "on"},
+    "compile": {**BASE, "compile": "default"},
+    "fused_bn_relu": {**BASE, "fused_bn_relu": True},
+}
+BATCHES = [64, 512]
+
+
+def skip_reason(variant, batch):
+    if variant == "fused_bn_relu" and not CUDA:
+        return "fused BN-ReLU runs its Triton kernels on CUDA only (the CPU path is the PyTorch fallback)"
+    if variant == "compile" and not CUDA and batch != 64:
+        return "CPU: compile is measured at batch 64 only (its ~1 min compile keeps the CPU run short)"
+    if MINIMAL and (batch != 64 or variant in ("compile", "fused_bn_relu")):
+        return "minimal run: batch 64, eager variants only"
+    return None
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_train_step(benchmark, variant, batch):
+    reason = skip_reason(variant, batch)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = "step"
+    depth = 8 if MINIMAL else 68
+    cfg = make_config("paper", {**VARIANTS[variant], "device": DEVICE.type, "batch_size": batch, "depth": depth})
+    rt = runtime.resolve(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, rt)
+    opt = torch.optim.SGD(model.parameters(), lr=peak_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    step = make_train_step(rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), rt)
+    x = torch.randn(batch, 3, 32, 32, device=DEVICE).to(memory_format=rt.memory_format)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
+    steps_per_round = 1 if (MINIMAL or (batch == 512 and not CUDA)) else (4 if not CUDA else 20)
+
+    def run():
+        for _ in range(steps_per_round):
+            loss, _ = step(x, y)
+        sync()
+        return loss
+
+    _, warm = timed(lambda: [step(x, y) for _ in range(3 if rt.compile_mode else 1)])
+    rounds = 1 if MINIMAL else (3 if not CUDA and batch == 512 else 5)
+    loss = benchmark.pedantic(run, rounds=rounds, iterations=1)
+    assert torch.isfinite(loss)
+    benchmark.extra_info.update(
+        variant=variant, batch_size=batch, steps_per_round=steps_per_round, warmup_s=warm,
+        images_per_s=batch * steps_per_round / median_s(benchmark), switches=rt.summary,
+        model=f"resnet{depth}", parameters=count_params(model), device=str(DEVICE))
