@@ -122,8 +122,9 @@ class Batches:
                                         num_workers, distributed)
         self.test_loader = make_loader(d / TEST_FILE, eval_batch_size, device, False, seed, test_limit,
                                        num_workers, distributed=False, shard=(rank, world))
-        self.num_train = len(self.train_loader.indices)
-        self.num_test = len(self.test_loader.indices)
+        # Whole-dataset counts (over all ranks), not this rank's share.
+        self.num_train = train_limit or self.manifest["counts"]["train"]
+        self.num_test = test_limit or self.manifest["counts"]["test"]
 
     def __len__(self):
         return len(self.train_loader)

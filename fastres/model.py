@@ -1,8 +1,8 @@
 """CIFAR ResNets of depth 6n+2 (He et al. 2016, Section 4.2), as in the seed paper.
 
-Only the model lives here. `norm` picks the BatchNorm implementation: plain PyTorch modules, or
-the fused Triton modules from `kernels` (same parameters, buffers and state_dict keys, so
-checkpoints move freely between the two).
+Only the model lives here. `norm` picks the BatchNorm implementation: plain PyTorch modules,
+SyncBatchNorm, or the fused Triton modules from `kernels` (same parameters, buffers and
+state_dict keys, so checkpoints move freely between them).
 
 Initialization (the paper states none): Kaiming-normal (fan_out, ReLU gain) for convolutions,
 BN weight 1 and bias 0, and PyTorch's default uniform init for the final linear layer.
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 class TorchNorm:
     """BN(+ReLU) and BN(+add+ReLU) from plain PyTorch ops (what torch.compile fuses by itself)."""
+
+    bn = nn.BatchNorm2d  # plain BN (projection shortcuts)
 
     @staticmethod
     def bn_relu(c: int) -> nn.Module:
@@ -36,6 +38,30 @@ class BNAddReLU(nn.BatchNorm2d):
         return F.relu(super().forward(x) + residual)
 
 
+class SyncBNReLU(nn.SyncBatchNorm):
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+class SyncBNAddReLU(nn.SyncBatchNorm):
+    def forward(self, x, residual):
+        return F.relu(super().forward(x) + residual)
+
+
+class SyncNorm:
+    """SyncBatchNorm everywhere (batch statistics over all processes); same state_dict keys."""
+
+    bn = nn.SyncBatchNorm
+
+    @staticmethod
+    def bn_relu(c: int) -> nn.Module:
+        return SyncBNReLU(c)
+
+    @staticmethod
+    def bn_add_relu(c: int) -> nn.Module:
+        return SyncBNAddReLU(c)
+
+
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU. Shortcut: 1x1 conv + BN where shape changes."""
 
@@ -47,7 +73,7 @@ class BasicBlock(nn.Module):
         self.bn2 = norm.bn_add_relu(cout)  # BN, + shortcut, ReLU in one module
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm.bn(cout))
 
     def forward(self, x):
         return self.bn2(self.conv2(self.bn1(self.conv1(x))), self.shortcut(x))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import Config
-from .model import TorchNorm
+from .model import SyncNorm, TorchNorm
 
 
 @dataclass
@@ -54,7 +54,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve(cfg: Config, local_rank: int = 0) -> Runtime:
+def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
     dev = resolve_device(cfg.device, local_rank)
     cuda = dev.type == "cuda"
     s = {"device": str(dev)}
@@ -98,5 +98,14 @@ def resolve(cfg: Config, local_rank: int = 0) -> Runtime:
                                   "BN+ReLU path (TRITON_INTERPRET=1 runs them in the interpreter, for tests)")
     else:
         s["fused_bn_relu"] = "off"
+    if cfg.sync_bn:
+        if not cuda:
+            raise RuntimeError("--sync-bn: PyTorch's SyncBatchNorm runs on CUDA only; drop it on CPU")
+        if world > 1:
+            if fused:
+                s["fused_bn_relu"] = "off: --sync-bn takes precedence (the Triton kernels are per-process)"
+                fused = False
+            norm = SyncNorm
+        s["sync_bn"] = "on" if world > 1 else "off (single process)"
     s["channels_last"] = cfg.channels_last
     return Runtime(dev, amp, mode, cfg.channels_last, fused, norm, s)

@@ -246,7 +246,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     t_start = time.perf_counter()
     dist = Dist.from_env(cfg.device)
     log = log if dist.main else (lambda *a, **k: None)
-    rt = runtime.resolve(cfg, dist.local_rank)
+    rt = runtime.resolve(cfg, dist.local_rank, dist.world)
     out = Path(cfg.out)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -276,8 +276,6 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     # --- model, optimizer, schedule, EMA -------------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, rt)
-    if cfg.sync_bn and dist.world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     n_params = count_params(model)
     log(f"model: resnet{cfg.depth} widths {list(cfg.widths)}, {n_params:,} trainable parameters; "
         f"data: {batches.num_train:,} train / {batches.num_test:,} test images, {steps} steps/epoch")
@@ -287,7 +285,9 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     ema = EMA(model, cfg.ema)
     criterion = make_criterion(cfg)
     train_model = rt.compile(dist.wrap(model, rt.device))
-    eval_model = rt.compile(ema.model) if cfg.ema > 0 else train_model
+    # Evaluation runs on each rank's own test shard without DDP (whose forward would broadcast
+    # buffers in lockstep); a single process without EMA reuses the training graph.
+    eval_model = train_model if (cfg.ema == 0 and dist.world == 1) else rt.compile(ema.model)
 
     step = make_train_step(train_model, opt, sched, ema, criterion, rt)
 

@@ -330,6 +330,8 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
 class FusedNorm:
     """The `norm` factory fastres.model uses to build a ResNet with the fused modules."""
 
+    bn = nn.BatchNorm2d  # projection shortcuts: BN without ReLU stays PyTorch's
+
     @staticmethod
     def bn_relu(c: int) -> nn.Module:
         return BatchNormReLU2d(c)
