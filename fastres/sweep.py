@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import make_config
+from .config import from_dict, make_config
 from .train import RECORD, train
 
 
@@ -31,7 +31,7 @@ def sweep(preset: str, seeds: list[int], overrides: dict, out: str | None = None
     for cfg in cfgs:
         rec_path = Path(cfg.out) / RECORD
         rec = json.loads(rec_path.read_text()) if rec_path.is_file() else None
-        if rec and rec.get("status") == "finished" and rec["config"] == cfg.to_dict():
+        if rec and rec.get("status") == "finished" and from_dict(rec["config"]) == cfg:
             log(f"seed {cfg.seed}: finished run found in {cfg.out}, reading it")
         else:
             log(f"seed {cfg.seed}: training in {cfg.out}")

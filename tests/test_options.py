@@ -1,0 +1,94 @@
+"""Training options beyond the paper: EMA, flip TTA, label smoothing, presets, sweep."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+from fastres import runtime
+from fastres.config import make_config
+from fastres.distributed import Dist
+from fastres.model import resnet
+from fastres.train import EMA, evaluate, make_criterion
+
+
+def test_ema_tracks_the_weights_by_its_decay():
+    torch.manual_seed(0)
+    m = resnet(8)
+    ema = EMA(m, 0.9)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+        m.bn1.running_mean.add_(3.0)
+    ema.update()
+    for name, p in m.named_parameters():
+        # ema <- 0.9 ema + 0.1 w, computed independently
+        torch.testing.assert_close(ema.model.state_dict()[name], 0.9 * before[name] + 0.1 * p.detach())
+        assert not torch.equal(ema.model.state_dict()[name], p.detach())
+    torch.testing.assert_close(ema.model.bn1.running_mean, m.bn1.running_mean)  # buffers copied
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    off = EMA(m, 0.0)
+    assert off.model is m and off.state_dict() is None
+    off.update()  # no-op
+
+
+class Batches1:
+    """Test-set stand-in: one fixed batch."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def test(self):
+        yield self.x, self.y
+
+
+def test_tta_averages_logits_of_image_and_mirror():
+    torch.manual_seed(0)
+    m = resnet(8).eval()
+    x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    rt = runtime.resolve(make_config("paper", {"device": "cpu", "amp": "off"}))
+    loss, acc = evaluate(m, Batches1(x, y), rt, tta=True, dist=Dist())
+    with torch.no_grad():
+        logits = (m(x) + m(torch.flip(x, dims=[3]))) / 2
+    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    loss_plain, _ = evaluate(m, Batches1(x, y), rt, tta=False, dist=Dist())
+    with torch.no_grad():
+        assert loss_plain == pytest.approx(F.cross_entropy(m(x), y).item(), rel=1e-5)
+    assert loss_plain != pytest.approx(loss)
+
+
+def test_label_smoothing_loss_as_defined():
+    logits, y = torch.randn(7, 10), torch.randint(0, 10, (7,))
+    eps = 0.1
+    crit = make_criterion(make_config("paper", {"label_smoothing": eps}))
+    logp = logits.log_softmax(1)
+    target = torch.full((7, 10), eps / 10).scatter_add_(1, y[:, None], torch.full((7, 1), 1 - eps))
+    assert crit(logits, y).item() == pytest.approx(-(target * logp).sum(1).mean().item(), rel=1e-6)
+    assert make_criterion(make_config("paper"))(logits, y).item() == pytest.approx(F.cross_entropy(logits, y).item())
+
+
+def test_presets_beyond_the_paper():
+    t, tp = make_config("tuned"), make_config("throughput")
+    for c in (t, tp):
+        assert c.depth == 68 and c.epochs == 50 and c.ema > 0 and c.tta and c.nesterov and c.label_smoothing > 0
+    assert tp.batch_size == 512 and tp.lr_ref_batch == 128
+
+
+def test_all_options_on_in_a_small_run_and_sweep(small_data, tmp_path):
+    args = ["--data", small_data, "--depth", "8", "--epochs", "2", "--train-limit", "1000", "--test-limit", "200",
+            "--batch-size", "100", "--loader-workers", "2"]
+    r = run_cli("fastres", "sweep", "--preset", "tuned", "--seeds", "0", "1", "--out", tmp_path / "sw", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "sw" / "summary.json").read_text())
+    recs = [json.loads((tmp_path / "sw" / f"seed{i}" / "record.json").read_text()) for i in (0, 1)]
+    accs = [x["final_test_acc"] for x in recs]
+    assert s["final_test_acc"] == accs and s["acc_mean"] == pytest.approx(sum(accs) / 2)
+    assert recs[0]["config"]["ema"] == 0.999 and recs[0]["config"]["tta"] is True
+    assert recs[0]["config"]["seed"] == 0 and recs[1]["config"]["seed"] == 1
+    assert "±" in r.stdout
+    # A second sweep reads the finished runs instead of training again.
+    r = run_cli("fastres", "sweep", "--preset", "tuned", "--seeds", "0", "1", "--out", tmp_path / "sw", *args)
+    assert r.returncode == 0 and r.stdout.count("reading it") == 2
