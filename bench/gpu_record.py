@@ -30,7 +30,8 @@ def run_benchmarks(selection: list[str], env: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "b.json"
         r = subprocess.run([sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider",
-                            f"--benchmark-json={out}"], cwd=REPO, env={**os.environ, **env})
+                            f"--benchmark-json={out}"], cwd=REPO, env={**os.environ, **env},
+                           stdout=sys.stderr)
         if not out.exists():
             raise SystemExit(f"benchmarks failed (exit {r.returncode})")
         data = json.loads(out.read_text())
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--table", action="store_true", help="print the table of committed records and exit")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (only to test this script)")
     p.add_argument("--minimal-bench", action="store_true", help="tiny benchmark rounds (only to test this script)")
-    a = p.parse_args(argv)
+    p.epilog = "Other --key value settings override the preset's, as for `fastres train`."
+    a, rest = p.parse_known_args(argv)
     if a.table:
         print(table([json.loads(f.read_text()) for f in sorted(Path(a.out).glob("*.json"))]))
         return 0
@@ -67,11 +69,11 @@ def main(argv=None) -> int:
         print("bench.gpu_record: error: no CUDA device; this records GPU results", file=sys.stderr)
         return 2
 
-    from fastres.config import make_config
+    from fastres.config import make_config, parse_overrides
     from fastres.train import train
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    over = {"data": a.data, "out": str(REPO / "runs" / f"gpu-record-{a.preset}")}
+    over = {**parse_overrides(rest), "data": a.data, "out": str(REPO / "runs" / f"gpu-record-{a.preset}")}
     if a.epochs:
         over["epochs"] = a.epochs
     cfg = make_config(a.preset, over)

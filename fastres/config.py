@@ -53,6 +53,8 @@ class Config:
     compile: str = "auto"                 # auto | off | default | reduce-overhead (CUDA graphs) | max-autotune
                                           # | max-autotune-no-cudagraphs (auto = default on CUDA, off on CPU)
     fused_bn_relu: bool = False           # Triton BN+ReLU and BN+add+ReLU kernels (CUDA; see kernels/)
+    compile_augment: bool = True          # torch.compile the batched crop+flip+normalize into one
+                                          # fused kernel (~3 s once; 1.9x the eager input rate on CPU)
     sync_bn: bool = False                 # SyncBatchNorm across processes (distributed runs)
     # --- run -------------------------------------------------------------------------------
     seed: int = 0                         # model init, data order and augmentation

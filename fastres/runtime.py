@@ -108,4 +108,5 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
             norm = SyncNorm
         s["sync_bn"] = "on" if world > 1 else "off (single process)"
     s["channels_last"] = cfg.channels_last
+    s["compile_augment"] = cfg.compile_augment
     return Runtime(dev, amp, mode, cfg.channels_last, fused, norm, s)

@@ -268,7 +268,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     batches = Batches(cfg.data, rank_batch, cfg.eval_batch_size, rt.device, cfg.seed,
                       train_limit=cfg.train_limit or None, test_limit=cfg.test_limit or None,
                       channels_last=rt.channels_last, augment=cfg.augment, num_workers=cfg.loader_workers,
-                      distributed=dist.world > 1, rank=dist.rank, world=dist.world)
+                      distributed=dist.world > 1, rank=dist.rank, world=dist.world,
+                      compile_augment=cfg.compile_augment)
     steps = len(batches)
     if steps == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {batches.num_train} training images")

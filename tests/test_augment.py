@@ -90,3 +90,13 @@ def test_training_batches_are_augmented_test_batches_are_not(small_data, cifar):
     src_x, src_y = cifar["test"]
     idx = np.sort(np.concatenate([np.flatnonzero(src_y == c)[:50] for c in range(10)]))
     assert np.array_equal(to_u8(xt), src_x[idx]) and np.array_equal(yt.numpy(), src_y[idx])
+
+
+def test_compiled_augmentation_matches_eager(small_data):
+    dev = torch.device("cpu")
+    eager = Batches(small_data, 250, 500, dev, seed=4, num_workers=2)
+    fused = Batches(small_data, 250, 500, dev, seed=4, num_workers=2, compile_augment=True)
+    for (xa, ya), (xb, yb) in zip(eager.train_epoch(2), fused.train_epoch(2)):
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(xb, xa, rtol=1e-6, atol=1e-6)
+        assert xb.is_contiguous(memory_format=torch.channels_last)

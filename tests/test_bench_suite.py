@@ -30,3 +30,19 @@ def test_every_group_runs_and_reports(small_data, tmp_path):
     assert 0 <= epoch["extra_info"]["test_acc"] <= 1
     if not torch.cuda.is_available():
         assert "Triton kernels need a CUDA GPU" in r.stdout  # the kernels group says why it skipped
+
+
+def test_gpu_record_script_writes_its_record(small_data, tmp_path):
+    """The GPU record's assembly, exercised on CPU with a tiny run (its numbers mean nothing)."""
+    r = run_cli("bench.gpu_record", "--allow-cpu", "--minimal-bench", "--preset", "smoke", "--data", small_data,
+                "--out", tmp_path, "--depth", "8", "--epochs", "1", "--train-limit", "500", "--test-limit", "100",
+                "--batch-size", "100")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec_path,) = tmp_path.glob("*.json")
+    rec = json.loads(rec_path.read_text())
+    assert rec["gpu"] and rec["torch"] == torch.__version__
+    assert len(rec["train"]["epoch_train_s"]) == 1 and 0 <= rec["train"]["final_test_acc"] <= 1
+    assert {b["group"] for b in rec["benchmarks"]} >= {"step"}
+    assert rec_path.with_suffix(".md").read_text().startswith("# ")
+    t = run_cli("bench.gpu_record", "--table", "--out", tmp_path)
+    assert t.returncode == 0 and "| " + rec["date"] in t.stdout
