@@ -159,6 +159,14 @@ class Batches:
         g.manual_seed(self.seed * 1_000_003 + epoch)
         return g
 
+    def warmup(self):
+        """Run the (compiled) augmentation once on a dummy batch, so compilation is not timed in epoch 1."""
+        if self.do_augment:
+            n = self.train_loader.batch_size
+            g = torch.Generator(device=self.device).manual_seed(0)
+            dummy = torch.zeros(n, 32, 32, 3, dtype=torch.uint8, device=self.device)
+            self.prepare(dummy, *sample_crop_flip(n, g), self.mean, self.std, self.dtype, self.channels_last)
+
     def train_epoch(self, epoch: int):
         self.train_loader.next_epoch = epoch  # FFCV's order for epoch e: permutation(seed + e)
         g = self.epoch_generator(epoch)

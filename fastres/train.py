@@ -308,7 +308,9 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     step_s = time.perf_counter() - t1
     with torch.no_grad(), rt.autocast():
         eval_model.eval()
-        eval_model(x[: min(rank_batch, cfg.eval_batch_size)])
+        eval_model(torch.randn(cfg.eval_batch_size, 3, 32, 32, generator=g, device=rt.device)
+                   .to(memory_format=rt.memory_format))
+    batches.warmup()  # compiles the fused augmentation for this batch shape
     rt_sync()
     warmup_s = time.perf_counter() - t0
     model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
@@ -322,7 +324,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             "For a run of a few minutes use --preset smoke.")
 
     # --- resume ------------------------------------------------------------------------------
-    history, start_epoch, prior_train_s = [], 0, 0.0
+    history, start_epoch = [], 0
     ckpt_path = out / CHECKPOINT
     if resume:
         if ckpt_path.is_file():
@@ -337,7 +339,6 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             sched.load_state_dict(ck["scheduler"]), ema.load_state_dict(ck["ema"])
             set_rng_state(ck["rng"])
             history, start_epoch = ck["history"], ck["epoch"]
-            prior_train_s = sum(h["train_s"] for h in history)
             log(f"resumed from {ckpt_path} after epoch {start_epoch}")
         else:
             log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
