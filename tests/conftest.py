@@ -71,6 +71,16 @@ def small_data(tmp_path_factory, cifar_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def full_data(tmp_path_factory, cifar_dir) -> Path:
+    """All 50,000 + 10,000 images, converted."""
+    from data_prep.cli import prepare
+
+    out = tmp_path_factory.mktemp("full_data")
+    prepare(str(cifar_dir), str(out), log=lambda *a: None)
+    return out
+
+
 def run_cli(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run `python -m <args>` from the repo root and capture its output."""
     e = {**os.environ, **(env or {})}

@@ -115,3 +115,13 @@ def test_missing_data_is_converted_on_demand(cifar_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "converting CIFAR-10 first" in r.stdout
     assert (data / "cifar10_train.beton").is_file() and (data / "cifar10_manifest.json").is_file()
+
+
+def test_smoke_preset_learns_on_cpu(full_data, tmp_path):
+    """The documented quick run: resnet20, 10,000 class-balanced images, 3 epochs, >= 35% test accuracy."""
+    r = run_cli("fastres", "train", "--preset", "smoke", "--data", full_data, "--out", tmp_path / "smoke",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "smoke" / "record.json").read_text())
+    assert rec["num_train"] == 10_000 and rec["num_test"] == 10_000 and rec["config"]["depth"] == 20
+    assert rec["final_test_acc"] >= 0.35, rec["final_test_acc"]
