@@ -9,15 +9,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
-need_apt=0
+apt_pkgs=""
 for p in libopencv-dev libturbojpeg0-dev pkg-config; do
-  dpkg -s "$p" >/dev/null 2>&1 || need_apt=1
+  dpkg -s "$p" >/dev/null 2>&1 || apt_pkgs="$apt_pkgs $p"
 done
-if [ "$need_apt" = 1 ]; then
+# A bare Debian/Ubuntu may also lack a C++ compiler, Python headers or venv (ffcv compiles a C helper).
+command -v g++ >/dev/null 2>&1 || apt_pkgs="$apt_pkgs build-essential"
+python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+  || apt_pkgs="$apt_pkgs python3-dev"
+python3 -c 'import ensurepip' 2>/dev/null || apt_pkgs="$apt_pkgs python3-venv"
+if [ -n "$apt_pkgs" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "installing Debian packages:$apt_pkgs"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    libopencv-dev libturbojpeg0-dev pkg-config >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $apt_pkgs >/dev/null
 fi
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
