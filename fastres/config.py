@@ -30,13 +30,13 @@ class Config:
     augment: bool = True                  # random crop (pad 4 px) + horizontal flip
     loader_workers: int = -1              # FFCV decode threads per process; -1 = all cores
     # --- optimization ----------------------------------------------------------------------
-    epochs: int = 50
+    epochs: int = 50                      # passes over the training set
     batch_size: int = 64                  # images per optimizer step, summed over all processes
     eval_batch_size: int = 1000           # images per evaluation forward pass
     lr: float = 0.01                      # peak learning rate at batch_size (see lr_ref_batch)
     lr_ref_batch: int = 0                 # images; >0: linear scaling, peak lr = lr * batch_size / lr_ref_batch
-    momentum: float = 0.9
-    nesterov: bool = False
+    momentum: float = 0.9                 # SGD momentum (heavy ball, or Nesterov below)
+    nesterov: bool = False                # Nesterov momentum
     weight_decay: float = 5e-4            # L2 coefficient (not stated by the paper; common template value)
     no_decay_bn_bias: bool = False        # exclude BN weights/biases and linear bias from weight decay
     schedule: str = "cosine_epoch"        # cosine_epoch = CosineAnnealingLR(T_max=epochs) stepped per epoch;
