@@ -79,7 +79,7 @@ def test_presets_beyond_the_paper():
 
 def test_all_options_on_in_a_small_run_and_sweep(small_data, tmp_path):
     args = ["--data", small_data, "--depth", "8", "--epochs", "2", "--train-limit", "1000", "--test-limit", "200",
-            "--batch-size", "100", "--loader-workers", "2"]
+            "--batch-size", "100", "--loader-workers", "2", "--compile-augment", "false"]
     r = run_cli("fastres", "sweep", "--preset", "tuned", "--seeds", "0", "1", "--out", tmp_path / "sw", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "sw" / "summary.json").read_text())

@@ -19,16 +19,15 @@ def read_back(path):
     return torch.cat(xs).numpy(), torch.cat(ys).numpy()
 
 
-def test_full_conversion_is_bit_exact(tmp_path, cifar_dir, cifar):
-    r = run_cli("data_prep", "--source", cifar_dir, "--out", tmp_path / "d")
-    assert r.returncode == 0, r.stderr
+def test_full_conversion_is_bit_exact(full_data, cifar):
+    """All 60,000 images read back from the .beton files equal the source, pixel for pixel."""
     for split, fname in (("train", TRAIN_FILE), ("test", TEST_FILE)):
-        images, labels = read_back(tmp_path / "d" / fname)
+        images, labels = read_back(full_data / fname)
         src_images, src_labels = cifar[split]
         assert images.shape == src_images.shape == ((50_000 if split == "train" else 10_000), 32, 32, 3)
         assert np.array_equal(images, src_images)
         assert np.array_equal(labels, src_labels)
-    m = json.loads((tmp_path / "d" / MANIFEST_FILE).read_text())
+    m = json.loads((full_data / MANIFEST_FILE).read_text())
     assert m["counts"] == {"train": 50_000, "test": 10_000}
     assert m["per_class"]["train"] == [5000] * 10 and m["per_class"]["test"] == [1000] * 10
     x = cifar["train"][0].astype(np.float64) / 255
@@ -36,14 +35,28 @@ def test_full_conversion_is_bit_exact(tmp_path, cifar_dir, cifar):
     np.testing.assert_allclose(m["std"], x.std(axis=(0, 1, 2)), rtol=1e-9)
     assert len(m["content_sha256"]) == 64
 
+
+def test_cli_converts_reruns_as_no_op_and_force_rebuilds(tmp_path, cifar_dir, cifar):
+    out = tmp_path / "d"
+    args = ("data_prep", "--source", cifar_dir, "--out", out, "--limit-train", "1000", "--limit-test", "500")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    images, labels = read_back(out / TEST_FILE)
+    idx = np.sort(np.concatenate([np.flatnonzero(cifar["test"][1] == c)[:50] for c in range(10)]))
+    assert np.array_equal(images, cifar["test"][0][idx]) and np.array_equal(labels, cifar["test"][1][idx])
+    assert "%" in r.stderr  # the progress bar
     # A rerun on up-to-date output does nothing and says so; --force rebuilds.
-    before = (tmp_path / "d" / TRAIN_FILE).stat().st_mtime_ns
-    r = run_cli("data_prep", "--source", cifar_dir, "--out", tmp_path / "d")
+    before = (out / TRAIN_FILE).stat().st_mtime_ns
+    r = run_cli(*args)
     assert r.returncode == 0 and "up to date" in r.stdout
-    assert (tmp_path / "d" / TRAIN_FILE).stat().st_mtime_ns == before
-    r = run_cli("data_prep", "--source", cifar_dir, "--out", tmp_path / "d", "--force", "--limit-test", "100")
+    assert (out / TRAIN_FILE).stat().st_mtime_ns == before
+    r = run_cli(*args, "--force")
     assert r.returncode == 0 and "writing" in r.stdout
-    assert json.loads((tmp_path / "d" / MANIFEST_FILE).read_text())["counts"]["test"] == 100
+    assert (out / TRAIN_FILE).stat().st_mtime_ns != before
+    # Other settings are other content: rebuilt without --force.
+    r = run_cli(*args[:-2], "--limit-test", "100")
+    assert r.returncode == 0 and "writing" in r.stdout
+    assert json.loads((out / MANIFEST_FILE).read_text())["counts"] == {"train": 1000, "test": 100}
 
 
 def test_limits_are_class_balanced_prefixes(small_data, cifar):

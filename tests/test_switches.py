@@ -7,7 +7,7 @@ from fastres.config import make_config
 from fastres.runtime import cpu_has_bf16, resolve
 
 TINY = ["--preset", "smoke", "--depth", "8", "--epochs", "1", "--train-limit", "200", "--test-limit", "100",
-        "--batch-size", "50", "--loader-workers", "2"]
+        "--batch-size", "50", "--loader-workers", "2", "--compile-augment", "false"]
 
 
 def record(out):
@@ -40,9 +40,10 @@ def test_fused_without_cuda_falls_back_and_says_so(small_data, tmp_path):
 
 
 def test_fused_under_interpreter_trains(small_data, tmp_path):
-    # The interpreter is slow: 2 steps of 20 images, 20 test images.
+    # The interpreter is slow: 2 steps of 10 images, 10 test images.
     r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--fused-bn-relu",
-                "--train-limit", "40", "--batch-size", "20", "--test-limit", "20", env={"TRITON_INTERPRET": "1"})
+                "--train-limit", "20", "--batch-size", "10", "--test-limit", "10", "--eval-batch-size", "10",
+                env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     rec = record(tmp_path / "r")
     assert rec["switches"]["fused_bn_relu"] == "triton (interpreter)"

@@ -10,8 +10,10 @@ import torch
 
 from conftest import REPO, run_cli
 
+# --compile-augment false: the compiled path is tested in test_augment.py and by the smoke test;
+# here it would only add compile time for each new batch shape.
 TINY = ["--preset", "smoke", "--depth", "8", "--train-limit", "0", "--epochs", "3", "--batch-size", "100",
-        "--loader-workers", "2"]
+        "--loader-workers", "2", "--compile-augment", "false"]
 
 
 def train_cmd(data, out, *extra):
@@ -111,7 +113,7 @@ def test_missing_data_is_converted_on_demand(cifar_dir, tmp_path):
     data = tmp_path / "data"
     r = run_cli("fastres", "train", "--data", data, "--out", tmp_path / "run", "--preset", "smoke", "--depth", "8",
                 "--epochs", "1", "--train-limit", "500", "--test-limit", "200", "--batch-size", "100",
-                env={"FASTRES_CIFAR10": str(cifar_dir)})
+                "--compile-augment", "false", env={"FASTRES_CIFAR10": str(cifar_dir)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "converting CIFAR-10 first" in r.stdout
     assert (data / "cifar10_train.beton").is_file() and (data / "cifar10_manifest.json").is_file()
