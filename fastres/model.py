@@ -9,23 +9,11 @@ BN weight 1 and bias 0, and PyTorch's default uniform init for the final linear 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 import torch.nn.functional as F
-
-
-class TorchNorm:
-    """BN(+ReLU) and BN(+add+ReLU) from plain PyTorch ops (what torch.compile fuses by itself)."""
-
-    bn = nn.BatchNorm2d  # plain BN (projection shortcuts)
-
-    @staticmethod
-    def bn_relu(c: int) -> nn.Module:
-        return BNReLU(c)
-
-    @staticmethod
-    def bn_add_relu(c: int) -> nn.Module:
-        return BNAddReLU(c)
 
 
 class BNReLU(nn.BatchNorm2d):
@@ -48,18 +36,17 @@ class SyncBNAddReLU(nn.SyncBatchNorm):
         return F.relu(super().forward(x) + residual)
 
 
-class SyncNorm:
-    """SyncBatchNorm everywhere (batch statistics over all processes); same state_dict keys."""
+@dataclass(frozen=True)
+class Norm:
+    """Which modules a ResNet normalizes with; each is built as cls(channels)."""
+    bn: type           # BN alone (projection shortcuts)
+    bn_relu: type      # relu(BN(x))
+    bn_add_relu: type  # relu(BN(x) + residual), the end of a basic block
 
-    bn = nn.SyncBatchNorm
 
-    @staticmethod
-    def bn_relu(c: int) -> nn.Module:
-        return SyncBNReLU(c)
-
-    @staticmethod
-    def bn_add_relu(c: int) -> nn.Module:
-        return SyncBNAddReLU(c)
+# Plain PyTorch ops (what torch.compile fuses by itself), and SyncBatchNorm across processes.
+TorchNorm = Norm(nn.BatchNorm2d, BNReLU, BNAddReLU)
+SyncNorm = Norm(nn.SyncBatchNorm, SyncBNReLU, SyncBNAddReLU)
 
 
 class BasicBlock(nn.Module):

@@ -20,6 +20,7 @@ in plain PyTorch, for tests.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -327,15 +328,6 @@ class BatchNormAddReLU2d(nn.BatchNorm2d):
         return bn_act(x, self, residual)
 
 
-class FusedNorm:
-    """The `norm` factory fastres.model uses to build a ResNet with the fused modules."""
-
-    bn = nn.BatchNorm2d  # projection shortcuts: BN without ReLU stays PyTorch's
-
-    @staticmethod
-    def bn_relu(c: int) -> nn.Module:
-        return BatchNormReLU2d(c)
-
-    @staticmethod
-    def bn_add_relu(c: int) -> nn.Module:
-        return BatchNormAddReLU2d(c)
+# The `norm` that fastres.model builds a ResNet with (duck-typed like fastres.model.Norm);
+# projection shortcuts keep PyTorch's BN, which has no ReLU to fuse.
+FusedNorm = SimpleNamespace(bn=nn.BatchNorm2d, bn_relu=BatchNormReLU2d, bn_add_relu=BatchNormAddReLU2d)
