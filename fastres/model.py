@@ -16,24 +16,24 @@ from torch import nn
 import torch.nn.functional as F
 
 
-class BNReLU(nn.BatchNorm2d):
+class _ThenReLU:
+    """Mixin: relu(BN(x)) with whichever BatchNorm class follows it in the bases."""
+
     def forward(self, x):
         return F.relu(super().forward(x))
 
 
-class BNAddReLU(nn.BatchNorm2d):
+class _AddThenReLU:
+    """Mixin: relu(BN(x) + residual)."""
+
     def forward(self, x, residual):
         return F.relu(super().forward(x) + residual)
 
 
-class SyncBNReLU(nn.SyncBatchNorm):
-    def forward(self, x):
-        return F.relu(super().forward(x))
-
-
-class SyncBNAddReLU(nn.SyncBatchNorm):
-    def forward(self, x, residual):
-        return F.relu(super().forward(x) + residual)
+class BNReLU(_ThenReLU, nn.BatchNorm2d): pass
+class BNAddReLU(_AddThenReLU, nn.BatchNorm2d): pass
+class SyncBNReLU(_ThenReLU, nn.SyncBatchNorm): pass
+class SyncBNAddReLU(_AddThenReLU, nn.SyncBatchNorm): pass
 
 
 @dataclass(frozen=True)
