@@ -70,15 +70,21 @@ def _finalize_kernel(pmean_ptr, pm2_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr,
     cmask = cols < C
     total = M.to(tl.float32)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):  # pass 1: mean = sum_g n_g * mean_g / M
+    # The loops over the G partials are `while` loops: Triton 3.6's interpreter cannot take a
+    # runtime int as a `range` bound under NumPy >= 2.4 (this tiny kernel gains nothing from a
+    # pipelined `for`).
+    g0 = 0
+    while g0 < G:  # pass 1: mean = sum_g n_g * mean_g / M
         gs = g0 + tl.arange(0, BLOCK_G)
         n_g = tl.where(gs < G, tl.minimum(M - gs * BLOCK_M, BLOCK_M), 0).to(tl.float32)
         m = (gs < G)[:, None] & cmask[None, :]
         pm = tl.load(pmean_ptr + gs[:, None] * C + cols[None, :], mask=m, other=0.0)
         acc += tl.sum(pm * n_g[:, None], axis=0)
+        g0 += BLOCK_G
     mean = acc / total
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):  # pass 2: M2 = sum_g M2_g + n_g * (mean_g - mean)^2
+    g0 = 0
+    while g0 < G:  # pass 2: M2 = sum_g M2_g + n_g * (mean_g - mean)^2
         gs = g0 + tl.arange(0, BLOCK_G)
         n_g = tl.where(gs < G, tl.minimum(M - gs * BLOCK_M, BLOCK_M), 0).to(tl.float32)
         m = (gs < G)[:, None] & cmask[None, :]
@@ -86,6 +92,7 @@ def _finalize_kernel(pmean_ptr, pm2_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr,
         pv = tl.load(pm2_ptr + gs[:, None] * C + cols[None, :], mask=m, other=0.0)
         d = pm - mean[None, :]
         m2 += tl.sum(pv + n_g[:, None] * d * d, axis=0)
+        g0 += BLOCK_G
     invstd = 1.0 / tl.sqrt(m2 / total + eps)
     w = tl.load(w_ptr + cols, mask=cmask, other=1.0)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
