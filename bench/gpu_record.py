@@ -1,11 +1,16 @@
-"""The full GPU measurement, in one command:  python -m bench.gpu_record
+"""The full GPU measurement:  python -m bench.gpu_record [PHASE]
 
-1. the `paper` preset for 50 epochs (wall time including evaluation, per-epoch time, accuracy)
-2. the 'step' and 'kernels' benchmark groups (pytest-benchmark, JSON)
-3. writes bench/results/<date>-<gpu>.json and a short .md summary next to it
+Phases (default `all` = train, bench, write, in one go):
+  train   the preset's full run (default `paper`, 50 epochs) in runs/gpu-record/train-<preset>/;
+          run it again after an interruption and it resumes from the last finished epoch (a
+          machine lent for 10-minute commands can train in pieces)
+  bench   the benchmark groups (default loader, step, kernels) with pytest-benchmark; each run
+          replaces the results of the groups it ran in runs/gpu-record/bench.json
+  write   bench/results/<date>-<gpu>.json (GPU, torch, per-epoch times, accuracy, benchmarks)
+          and a short .md beside it, from the finished training run and the benchmarks
+  table   print the Markdown table of all committed records, as shown in the README
 
-`python -m bench.gpu_record --table` prints the Markdown table of all committed records, as
-shown in the README. Needs CUDA (`--allow-cpu` exists to test this script itself on a CPU).
+Needs CUDA (`--allow-cpu` exists to test this script itself on a CPU).
 """
 from __future__ import annotations
 
@@ -24,13 +29,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+WORK = REPO / "runs" / "gpu-record"
+GROUPS = {"loader": "bench/test_loader.py", "step": "bench/test_step.py", "kernels": "bench/test_kernels.py",
+          "epoch": "bench/test_epoch.py"}
 
 
-def run_benchmarks(selection: list[str], env: dict) -> list[dict]:
+def run_benchmarks(groups: list[str], env: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "b.json"
-        r = subprocess.run([sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider",
-                            f"--benchmark-json={out}"], cwd=REPO, env={**os.environ, **env},
+        r = subprocess.run([sys.executable, "-m", "pytest", *(GROUPS[g] for g in groups), "-q", "-p",
+                            "no:cacheprovider", f"--benchmark-json={out}"], cwd=REPO, env={**os.environ, **env},
                            stdout=sys.stderr)
         if not out.exists():
             raise SystemExit(f"benchmarks failed (exit {r.returncode})")
@@ -41,57 +49,75 @@ def run_benchmarks(selection: list[str], env: dict) -> list[dict]:
 
 
 def table(records: list[dict]) -> str:
-    rows = ["| date | GPU | torch | preset | epoch time (s) | 50-epoch wall (s) | test acc |",
+    rows = ["| date | GPU | torch | preset | epoch time (s) | training + eval (s) | test acc |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(records, key=lambda r: r["date"]):
         t = r["train"]
         rows.append(f"| {r['date']} | {r['gpu']} | {r['torch']} | {t['preset']} | {t['mean_epoch_train_s']:.2f} | "
-                    f"{t['wall_s']:.0f} | {100 * t['final_test_acc']:.2f}% |")
+                    f"{t['train_s_total'] + t['eval_s_total']:.0f} | {100 * t['final_test_acc']:.2f}% |")
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_record", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (for a quick check)")
-    p.add_argument("--data", default=str(REPO / "data"))
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--table", action="store_true", help="print the table of committed records and exit")
-    p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (only to test this script)")
-    p.add_argument("--minimal-bench", action="store_true", help="tiny benchmark rounds (only to test this script)")
-    p.epilog = "Other --key value settings override the preset's, as for `fastres train`."
-    a, rest = p.parse_known_args(argv)
-    if a.table:
-        print(table([json.loads(f.read_text()) for f in sorted(Path(a.out).glob("*.json"))]))
-        return 0
-    if not torch.cuda.is_available() and not a.allow_cpu:
-        print("bench.gpu_record: error: no CUDA device; this records GPU results", file=sys.stderr)
-        return 2
+def kernel_goals(bench: list[dict]) -> str:
+    """Fused Triton BN+ReLU against torch.compile's fusion per case: the issue's goals are >= 1.2x
+    and >= 80% of DRAM bandwidth."""
+    by = {(tuple(b["shape"]), b["pass_"], b["timing"], b["impl"]): b for b in bench if b["group"] == "kernels"}
+    rows = ["| shape | pass | timing | fused (us) | torch.compile (us) | eager (us) | fused vs compile | "
+            "fused % of DRAM |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (shape, pass_, timing, impl), f in sorted(by.items()):
+        c, e = by.get((shape, pass_, timing, "torch_compile")), by.get((shape, pass_, timing, "eager"))
+        if impl != "fused_triton" or c is None or e is None:
+            continue
+        rows.append(f"| {'x'.join(map(str, shape))} | {pass_} | {timing} | {1e6 * f['per_call_s']:.1f} | "
+                    f"{1e6 * c['per_call_s']:.1f} | {1e6 * e['per_call_s']:.1f} | "
+                    f"{c['per_call_s'] / f['per_call_s']:.2f}x | {100 * f['fraction_of_dram']:.0f}% |")
+    return "\n".join(rows)
 
+
+def phase_train(a, rest, work: Path) -> None:
     from fastres.config import make_config, parse_overrides
     from fastres.train import train
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    over = {**parse_overrides(rest), "data": a.data, "out": str(REPO / "runs" / f"gpu-record-{a.preset}")}
+    run = work / f"train-{a.preset}"
+    over = {**parse_overrides(rest), "data": a.data, "out": str(run)}
     if a.epochs:
         over["epochs"] = a.epochs
-    cfg = make_config(a.preset, over)
     t0 = time.perf_counter()
-    rec = train(cfg)
-    wall = time.perf_counter() - t0
-    env = {"FASTRES_BENCH_DATA": a.data, **({"FASTRES_BENCH_MINIMAL": "1"} if a.minimal_bench else {})}
-    bench = run_benchmarks(["bench/test_step.py", "bench/test_kernels.py"], env)
+    train(make_config(a.preset, over), resume=True)
+    walls = json.loads((run / "walls.json").read_text()) if (run / "walls.json").exists() else []
+    (run / "walls.json").write_text(json.dumps(walls + [time.perf_counter() - t0]))
 
+
+def phase_bench(a, work: Path) -> None:
+    env = {"FASTRES_BENCH_DATA": a.data, **({"FASTRES_BENCH_MINIMAL": "1"} if a.minimal_bench else {})}
+    rows = run_benchmarks(a.groups, env)
+    path = work / "bench.json"
+    kept = [r for r in json.loads(path.read_text()) if r["group"] not in a.groups] if path.exists() else []
+    path.write_text(json.dumps(kept + rows, indent=1, default=str))
+
+
+def phase_write(a, work: Path, gpu: str) -> Path:
+    run = work / f"train-{a.preset}"
+    if not (run / "record.json").exists():
+        raise SystemExit(f"bench.gpu_record: error: no training run in {run}; run the `train` phase first")
+    rec = json.loads((run / "record.json").read_text())
+    if rec["status"] != "finished":
+        raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} after "
+                         f"{len(rec['epochs'])}/{rec['config']['epochs']} epochs; run `train` again to resume")
+    bench = json.loads((work / "bench.json").read_text()) if (work / "bench.json").exists() else []
+    walls = json.loads((run / "walls.json").read_text()) if (run / "walls.json").exists() else []
     date = datetime.date.today().isoformat()
     result = {
         "date": date, "gpu": gpu, "torch": torch.__version__, "environment": rec["environment"],
-        "train": {"preset": a.preset, "config": rec["config"], "switches": rec["switches"], "wall_s": wall,
+        "train": {"preset": a.preset, "config": rec["config"], "switches": rec["switches"],
+                  "wall_s": sum(walls), "sessions": len(walls), "resumed_at_epoch": rec["resumed_at_epoch"],
                   "warmup_s": rec["warmup_s"], "mean_epoch_train_s": rec["mean_epoch_train_s"],
                   "epoch_train_s": [e["train_s"] for e in rec["epochs"]],
+                  "images_per_s": [e["images_per_s"] for e in rec["epochs"]],
                   "test_acc_per_epoch": [e["test_acc"] for e in rec["epochs"]],
-                  "final_test_acc": rec["final_test_acc"], "train_s_total": rec["train_s_total"],
-                  "eval_s_total": rec["eval_s_total"]},
+                  "final_test_acc": rec["final_test_acc"], "best_test_acc": rec["best_test_acc"],
+                  "train_s_total": rec["train_s_total"], "eval_s_total": rec["eval_s_total"]},
+        "benchmark_groups": sorted({b["group"] for b in bench}),
         "benchmarks": bench,
     }
     out = Path(a.out)
@@ -103,9 +129,44 @@ def main(argv=None) -> int:
     for b in bench:
         rate = (f"{b['images_per_s']:.0f} img/s" if "images_per_s" in b else
                 f"{b.get('gb_per_s', 0):.0f} GB/s ({100 * b.get('fraction_of_dram', 0):.0f}% of DRAM)")
-        lines.append(f"| {b['group']} | {b['name']} | {rate} | {1000 * b['median_s']:.3f} ms |")
+        lines.append(f"| {b['group']} | {b['name']} | {rate} | {1000 * b.get('per_call_s', b['median_s']):.3f} ms |")
+    lines += ["", kernel_goals(bench)] if any(b["group"] == "kernels" for b in bench) else []
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json and .md")
+    return out / f"{stem}.json"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_record", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", nargs="?", default="all", choices=["all", "train", "bench", "write", "table"])
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (for a quick check)")
+    p.add_argument("--groups", nargs="+", default=["loader", "step", "kernels"], choices=list(GROUPS),
+                   help="benchmark groups of the bench phase")
+    p.add_argument("--data", default=str(REPO / "data"), help=".beton folder (converted on demand)")
+    p.add_argument("--work", default=str(WORK), help="where the phases keep the training run and benchmarks")
+    p.add_argument("--out", default=str(RESULTS), help="where `write` puts the record")
+    p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (only to test this script)")
+    p.add_argument("--minimal-bench", action="store_true", help="tiny benchmark rounds (only to test this script)")
+    p.epilog = "Other --key value settings override the preset's in the train phase, as for `fastres train`."
+    a, rest = p.parse_known_args(argv)
+    if a.phase == "table":
+        print(table([json.loads(f.read_text()) for f in sorted(Path(a.out).glob("*.json"))]))
+        return 0
+    if not torch.cuda.is_available() and not a.allow_cpu:
+        print("bench.gpu_record: error: no CUDA device; this records GPU results", file=sys.stderr)
+        return 2
+    if rest and a.phase not in ("all", "train"):
+        p.error(f"settings {' '.join(rest)} apply to the train phase only")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if a.phase in ("all", "train"):
+        phase_train(a, rest, work)
+    if a.phase in ("all", "bench"):
+        phase_bench(a, work)
+    if a.phase in ("all", "write"):
+        phase_write(a, work, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     return 0
 
 

@@ -22,16 +22,17 @@ VARIANTS = {
     "amp_bf16": {**BASE, "amp": "on"},
     "compile": {**BASE, "compile": "default"},
     "fused_bn_relu": {**BASE, "fused_bn_relu": True},
+    "default_with_fused_bn_relu": {"fused_bn_relu": True},  # the kernels inside the compiled default
 }
 BATCHES = [64, 512]
 
 
 def skip_reason(variant, batch):
-    if variant == "fused_bn_relu" and not CUDA:
+    if "fused_bn_relu" in variant and not CUDA:
         return "fused BN-ReLU runs its Triton kernels on CUDA only (the CPU path is the PyTorch fallback)"
     if variant == "compile" and not CUDA and batch != 64:
         return "CPU: compile is measured at batch 64 only (its ~1 min compile keeps the CPU run short)"
-    if MINIMAL and (batch != 64 or variant in ("compile", "fused_bn_relu")):
+    if MINIMAL and (batch != 64 or variant in ("compile", "fused_bn_relu", "default_with_fused_bn_relu")):
         return "minimal run: batch 64, eager variants only"
     return None
 

@@ -32,17 +32,42 @@ def test_every_group_runs_and_reports(small_data, tmp_path):
         assert "Triton kernels need a CUDA GPU" in r.stdout  # the kernels group says why it skipped
 
 
-def test_gpu_record_script_writes_its_record(small_data, tmp_path):
-    """The GPU record's assembly, exercised on CPU with a tiny run (its numbers mean nothing)."""
-    r = run_cli("bench.gpu_record", "--allow-cpu", "--minimal-bench", "--preset", "smoke", "--data", small_data,
-                "--out", tmp_path, "--depth", "8", "--epochs", "1", "--train-limit", "500", "--test-limit", "100",
-                "--batch-size", "100")
+def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
+    """The GPU record's phases, exercised on CPU with a tiny run (its numbers mean nothing)."""
+    work, out = tmp_path / "work", tmp_path / "results"
+    common = ("--allow-cpu", "--work", work, "--out", out, "--preset", "smoke", "--data", small_data)
+    tiny = ("--depth", "8", "--epochs", "1", "--train-limit", "500", "--test-limit", "100", "--batch-size", "100")
+    r = run_cli("bench.gpu_record", "write", *common)
+    assert r.returncode != 0 and "run the `train` phase first" in r.stderr
+    r = run_cli("bench.gpu_record", "train", *common, *tiny)
     assert r.returncode == 0, r.stderr[-3000:]
-    (rec_path,) = tmp_path.glob("*.json")
+    # a second `train` resumes from the checkpoint: this run is finished, so nothing is retrained
+    r = run_cli("bench.gpu_record", "train", *common, *tiny)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    r = run_cli("bench.gpu_record", "bench", *common, "--groups", "step", "--minimal-bench")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("bench.gpu_record", "write", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec_path,) = out.glob("*.json")
     rec = json.loads(rec_path.read_text())
     assert rec["gpu"] and rec["torch"] == torch.__version__
+    assert rec["train"]["sessions"] == 2 and rec["train"]["resumed_at_epoch"] == 1
     assert len(rec["train"]["epoch_train_s"]) == 1 and 0 <= rec["train"]["final_test_acc"] <= 1
-    assert {b["group"] for b in rec["benchmarks"]} >= {"step"}
+    assert rec["benchmark_groups"] == ["step"] and all(b["group"] == "step" for b in rec["benchmarks"])
     assert rec_path.with_suffix(".md").read_text().startswith("# ")
-    t = run_cli("bench.gpu_record", "--table", "--out", tmp_path)
+    t = run_cli("bench.gpu_record", "table", "--out", out)
     assert t.returncode == 0 and "| " + rec["date"] in t.stdout
+
+
+def test_kernel_goals_table_compares_fused_with_compile():
+    from bench.gpu_record import kernel_goals
+
+    def row(impl, per_call_s, pass_="fwd"):
+        return {"group": "kernels", "shape": [64, 16, 32, 32], "pass_": pass_, "timing": "graph", "impl": impl,
+                "per_call_s": per_call_s, "fraction_of_dram": 0.25}
+
+    bench = [row("fused_triton", 2e-6), row("torch_compile", 3e-6), row("eager", 8e-6),
+             row("fused_triton", 1e-6, "fwd_bwd")]  # no counterpart: left out
+    lines = kernel_goals(bench).splitlines()
+    assert len(lines) == 3
+    assert lines[2] == "| 64x16x32x32 | fwd | graph | 2.0 | 3.0 | 8.0 | 1.50x | 25% |"
