@@ -8,7 +8,6 @@ FASTRES_BENCH_MINIMAL=1: one tiny round of everything; the test suite uses it to
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 

@@ -49,7 +49,8 @@ def test_block_structure_and_shapes():
     assert m.conv1.out_channels == 16 and m.conv1.kernel_size == (3, 3)
     # Feature maps 32 / 16 / 8, then 10 logits.
     sizes = []
-    hooks = [s.register_forward_hook(lambda mod, i, o: sizes.append(tuple(o.shape[1:]))) for s in stages]
+    for s in stages:
+        s.register_forward_hook(lambda mod, i, o: sizes.append(tuple(o.shape[1:])))
     out = m(torch.randn(2, 3, 32, 32))
     assert sizes == [(16, 32, 32), (32, 16, 16), (64, 8, 8)] and out.shape == (2, 10)
 
