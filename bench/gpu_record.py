@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 WORK = REPO / "runs" / "gpu-record"
 GROUPS = {"loader": "bench/test_loader.py", "step": "bench/test_step.py", "kernels": "bench/test_kernels.py",
-          "epoch": "bench/test_epoch.py"}
+          "kernel_host": "bench/test_kernel_host.py", "epoch": "bench/test_epoch.py"}
 
 
 def run_benchmarks(groups: list[str], env: dict) -> list[dict]:
@@ -128,6 +128,7 @@ def phase_write(a, work: Path, gpu: str) -> Path:
              "| group | benchmark | images/s or GB/s | median |", "| --- | --- | --- | --- |"]
     for b in bench:
         rate = (f"{b['images_per_s']:.0f} img/s" if "images_per_s" in b else
+                f"{b['host_us_per_fwd_bwd']:.1f} us host per fwd+bwd" if "host_us_per_fwd_bwd" in b else
                 f"{b.get('gb_per_s', 0):.0f} GB/s ({100 * b.get('fraction_of_dram', 0):.0f}% of DRAM)")
         lines.append(f"| {b['group']} | {b['name']} | {rate} | {1000 * b.get('per_call_s', b['median_s']):.3f} ms |")
     lines += ["", kernel_goals(bench)] if any(b["group"] == "kernels" for b in bench) else []
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("phase", nargs="?", default="all", choices=["all", "train", "bench", "write", "table"])
     p.add_argument("--preset", default="paper")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (for a quick check)")
-    p.add_argument("--groups", nargs="+", default=["loader", "step", "kernels"], choices=list(GROUPS),
+    p.add_argument("--groups", nargs="+", default=["loader", "step", "kernels", "kernel_host"], choices=list(GROUPS),
                    help="benchmark groups of the bench phase")
     p.add_argument("--data", default=str(REPO / "data"), help=".beton folder (converted on demand)")
     p.add_argument("--work", default=str(WORK), help="where the phases keep the training run and benchmarks")

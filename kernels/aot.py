@@ -17,6 +17,7 @@ Default: the training setting (bf16 channels_last) and fp32 NCHW; --all adds the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,8 +40,10 @@ SHAPES = [(b, c, s, s) for b in (64, 512) for c, s in ((16, 32), (32, 16), (64, 
 TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-def record_launches(settings) -> list[tuple]:
-    """(kernel, positional args, keyword args) of every launch the launchers make, deduplicated later."""
+@contextlib.contextmanager
+def stubbed_kernels():
+    """Within: bn_relu's kernels are not launched; each launch is appended, as (kernel, args,
+    kwargs), to the list this yields. The launchers' own host work runs as usual."""
     calls = []
 
     class Recorder:
@@ -54,6 +57,15 @@ def record_launches(settings) -> list[tuple]:
     try:
         for name in KERNELS:
             setattr(bn_relu, name, Recorder(saved[name]))
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(bn_relu, name, fn)
+
+
+def record_launches(settings) -> list[tuple]:
+    """(kernel, positional args, keyword args) of every launch the launchers make, deduplicated later."""
+    with stubbed_kernels() as calls:
         for shape in SHAPES:
             for dtype, channels_last in settings:
                 for training in (True, False):
@@ -65,9 +77,6 @@ def record_launches(settings) -> list[tuple]:
                         y, mean, invstd = bn_relu._fwd(x, torch.empty_like(x) if residual else None, w, b, rm, rv,
                                                        training, 0.1, 1e-5)
                         bn_relu._bwd(torch.empty_like(x), y, x, w, mean, invstd, training, residual)
-    finally:
-        for name, fn in saved.items():
-            setattr(bn_relu, name, fn)
     return calls
 
 

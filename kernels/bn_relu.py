@@ -271,11 +271,16 @@ def _(dy, y, x, weight, mean, invstd, training, has_residual):
 
 
 class _BNAct(torch.autograd.Function):
-    """Autograd for the fused op; the forward op also updates the running statistics in place."""
+    """Autograd for the fused op; the forward op also updates the running statistics in place.
+
+    Under torch.compile the registered ops keep each launcher one opaque node. Eager calls go to
+    the launchers directly: the op's dispatch costs more host time than the launcher itself
+    (bench group 'kernel_host'), and a training step makes ~130 of these calls."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, mean, invstd = bn_act_fwd(x, residual, weight, bias, running_mean, running_var, training, momentum, eps)
+        fwd = bn_act_fwd if torch.compiler.is_compiling() else _fwd
+        y, mean, invstd = fwd(x, residual, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.save_for_backward(x, weight, y, mean, invstd)
         ctx.training, ctx.has_residual = training, residual is not None
         return y
@@ -283,7 +288,8 @@ class _BNAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, y, mean, invstd = ctx.saved_tensors
-        dx, dw, db, dres = bn_act_bwd(dy, y, x, weight, mean, invstd, ctx.training, ctx.has_residual)
+        bwd = bn_act_bwd if torch.compiler.is_compiling() else _bwd
+        dx, dw, db, dres = bwd(dy, y, x, weight, mean, invstd, ctx.training, ctx.has_residual)
         return dx, (dres if ctx.has_residual else None), dw, db, None, None, None, None, None
 
 
