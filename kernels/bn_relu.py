@@ -275,7 +275,7 @@ class _BNAct(torch.autograd.Function):
 
     Under torch.compile the registered ops keep each launcher one opaque node. Eager calls go to
     the launchers directly: the op's dispatch costs more host time than the launcher itself
-    (bench group 'kernel_host'), and a training step makes ~130 of these calls."""
+    (bench group 'kernel_host'), and a ResNet-68 training step makes 67 forward + backward pairs."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, training, momentum, eps):
