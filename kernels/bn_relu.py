@@ -177,8 +177,14 @@ def _layout(x: Tensor) -> bool:
     return True
 
 
+# Host-side arithmetic in plain Python: triton.cdiv is a @jit function in recent Triton, and
+# calling one from Python costs microseconds (bench group 'kernel_host').
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def _blocks(C: int) -> tuple[int, int]:
-    block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C)
+    block_c = min(1 << (C - 1).bit_length(), MAX_BLOCK_C)  # next power of two, at most MAX_BLOCK_C
     return max(16, TILE // block_c), block_c
 
 
@@ -197,7 +203,7 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, ru
         assert residual.shape == x.shape, f"residual shape {tuple(residual.shape)} != {tuple(x.shape)}"
         residual = _like(residual.to(x.dtype), cl)
     block_m, block_c = _blocks(C)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
+    grid = (_cdiv(M, block_m), _cdiv(C, block_c))
     f32 = dict(device=x.device, dtype=torch.float32)
     if training:
         assert M > 1, "training-mode BatchNorm needs more than one value per channel"
@@ -205,7 +211,7 @@ def _fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, ru
         pmean, pm2 = torch.empty(G, C, **f32), torch.empty(G, C, **f32)
         _stats_kernel[grid](x, pmean, pm2, M, C, HW, BLOCK_M=block_m, BLOCK_C=block_c, CHANNELS_LAST=cl)
         mean, invstd, scale, shift = (torch.empty(C, **f32) for _ in range(4))
-        _finalize_kernel[(triton.cdiv(C, block_c),)](
+        _finalize_kernel[(_cdiv(C, block_c),)](
             pmean, pm2, weight, bias, running_mean, running_var, mean, invstd, scale, shift, M, C, G, eps, momentum,
             BLOCK_M=block_m, BLOCK_G=64, BLOCK_C=block_c, UPDATE_RUNNING=momentum >= 0)
     else:
@@ -226,7 +232,7 @@ def _bwd(dy: Tensor, y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd:
     N, C, H, W = x.shape
     M, HW = N * H * W, H * W
     block_m, block_c = _blocks(C)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
+    grid = (_cdiv(M, block_m), _cdiv(C, block_c))
     pdz = torch.empty(grid[0], C, device=x.device, dtype=torch.float32)
     pdzx = torch.empty_like(pdz)
     _bwd_reduce_kernel[grid](dy, y, x, mean, invstd, pdz, pdzx, M, C, HW, BLOCK_M=block_m, BLOCK_C=block_c,
