@@ -24,10 +24,10 @@ SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8), (512, 16, 32, 32),
 _BW = {}
 
 
-def dram_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write), best of 10."""
+def dram_bandwidth(numel: int = 2 ** 28) -> float:
+    """Bytes/s of a device-to-device copy of numel float32s (1 GiB; read + write), best of 10."""
     if "bw" not in _BW:
-        a = torch.empty(2 ** 28, device=DEVICE, dtype=torch.float32)
+        a = torch.empty(numel, device=DEVICE, dtype=torch.float32)
         b = torch.empty_like(a)
         best = float("inf")
         for _ in range(10):
