@@ -15,8 +15,9 @@ Memory: x in contiguous NCHW or channels_last (NHWC); fp32 or bf16 in and out, f
 
 The forward and backward are registered with torch.library.custom_op (with fake rules) and tied
 together by a torch.autograd.Function, so each stays one node inside a torch.compile graph: no
-graph breaks. `bn_act_reference` is the same function
-in plain PyTorch, for tests.
+graph breaks. Eager calls skip the ops' dispatch and call the launchers directly (less host time
+per call). `bn_act_reference` is the same function in plain PyTorch, for tests.
+`python -m kernels.aot` compiles every launch for a GPU on a machine without one.
 """
 from __future__ import annotations
 
