@@ -54,7 +54,8 @@ class Config:
                                           # | max-autotune-no-cudagraphs (auto = default on CUDA, off on CPU)
     fused_bn_relu: bool = False           # Triton BN+ReLU and BN+add+ReLU kernels (CUDA; see kernels/)
     compile_augment: bool = True          # torch.compile the batched crop+flip+normalize into one
-                                          # fused kernel (~3 s once; 1.9x the eager input rate on CPU)
+                                          # fused kernel (2-core CPU: ~11 s once, ~1 s when cached;
+                                          # 1.1-1.4x the eager rate)
     sync_bn: bool = False                 # SyncBatchNorm across processes (distributed runs)
     # --- run -------------------------------------------------------------------------------
     seed: int = 0                         # model init, data order and augmentation
