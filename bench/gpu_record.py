@@ -48,6 +48,10 @@ def run_benchmarks(groups: list[str], env: dict) -> list[dict]:
             for b in data["benchmarks"]]
 
 
+def read_json(path: Path, missing):
+    return json.loads(path.read_text()) if path.exists() else missing
+
+
 def table(records: list[dict]) -> str:
     rows = ["| date | GPU | torch | preset | epoch time (s) | training + eval (s) | test acc |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -84,7 +88,7 @@ def phase_train(a, rest, work: Path) -> None:
         over["epochs"] = a.epochs
     t0 = time.perf_counter()
     train(make_config(a.preset, over), resume=True)
-    walls = json.loads((run / "walls.json").read_text()) if (run / "walls.json").exists() else []
+    walls = read_json(run / "walls.json", [])
     (run / "walls.json").write_text(json.dumps(walls + [time.perf_counter() - t0]))
 
 
@@ -92,7 +96,7 @@ def phase_bench(a, work: Path) -> None:
     env = {"FASTRES_BENCH_DATA": a.data, **({"FASTRES_BENCH_MINIMAL": "1"} if a.minimal_bench else {})}
     rows = run_benchmarks(a.groups, env)
     path = work / "bench.json"
-    kept = [r for r in json.loads(path.read_text()) if r["group"] not in a.groups] if path.exists() else []
+    kept = [r for r in read_json(path, []) if r["group"] not in a.groups]
     path.write_text(json.dumps(kept + rows, indent=1, default=str))
 
 
@@ -104,8 +108,8 @@ def phase_write(a, work: Path, gpu: str) -> Path:
     if rec["status"] != "finished":
         raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} after "
                          f"{len(rec['epochs'])}/{rec['config']['epochs']} epochs; run `train` again to resume")
-    bench = json.loads((work / "bench.json").read_text()) if (work / "bench.json").exists() else []
-    walls = json.loads((run / "walls.json").read_text()) if (run / "walls.json").exists() else []
+    bench = read_json(work / "bench.json", [])
+    walls = read_json(run / "walls.json", [])
     date = datetime.date.today().isoformat()
     result = {
         "date": date, "gpu": gpu, "torch": torch.__version__, "environment": rec["environment"],

@@ -143,9 +143,9 @@ class Batches:
                                         num_workers, distributed)
         self.test_loader = make_loader(d / TEST_FILE, eval_batch_size, device, False, seed, test_limit,
                                        num_workers, distributed=False, shard=(rank, world))
-        # Whole-dataset counts (over all ranks), not this rank's share.
         # Compiled once per batch shape (training batches all share one: drop_last).
         self.prepare = torch.compile(augment_normalize, dynamic=False) if compile_augment else augment_normalize
+        # Whole-dataset counts (over all ranks), not this rank's share.
         self.num_train = train_limit or self.manifest["counts"]["train"]
         self.num_test = test_limit or self.manifest["counts"]["test"]
 

@@ -66,10 +66,11 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-    amp = cfg.amp == "on" or (cfg.amp == "auto" and (cuda or cpu_has_bf16()))
+    has_bf16 = cpu_has_bf16()
+    amp = cfg.amp == "on" or (cfg.amp == "auto" and (cuda or has_bf16))
     s["amp"] = "bf16" if amp else "off"
     s["amp_why"] = f"--amp {cfg.amp}" + (" (on for CUDA, and on CPUs with native bf16 (AMX or AVX512-BF16), "
-                                         f"which this one {'has' if cpu_has_bf16() else 'lacks'})"
+                                         f"which this one {'has' if has_bf16 else 'lacks'})"
                                          if cfg.amp == "auto" else "")
 
     if cfg.compile == "auto":
