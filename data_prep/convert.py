@@ -1,27 +1,44 @@
-"""Write CIFAR-10 splits to FFCV .beton files plus a JSON manifest, atomically.
+"""Write CIFAR-10 splits to FFCV .beton files plus a JSON manifest, atomically; verify them.
 
 Layout of --out:
     cifar10_train.beton   raw (lossless) 32x32 RGB + integer label, in source order
     cifar10_test.beton
-    cifar10_manifest.json counts, per-class counts, train mean/std, source, content hash
+    cifar10_manifest.json counts, per-class counts, train mean/std, source, content hash, and the
+                          size and SHA-256 of each .beton file (what `verify` checks them against)
 Files are written under temporary names and renamed only when complete, so an interrupted or
-failed conversion leaves the previous state (or nothing) behind, never a half-written file.
+failed conversion leaves the previous state (or nothing) behind, never a half-written file. The
+writer processes die with the conversion, and temporary files that a killed conversion left are
+removed by the next one.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import re
+import signal
 from pathlib import Path
 
 import numpy as np
 
+from fastres.errors import BadInput
 from .sources import NUM_CLASSES, Split, balanced_indices
 
 TRAIN_FILE = "cifar10_train.beton"
 TEST_FILE = "cifar10_test.beton"
 MANIFEST_FILE = "cifar10_manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records each .beton's size and SHA-256
+_TMP = re.compile(r"^\.(cifar10_(?:train|test)\.beton|cifar10_manifest\.json)\.tmp-(\d+)$")
+
+
+class DataError(BadInput):
+    """A data folder whose .beton files or manifest are missing, damaged or do not match (exit 2)."""
+
+    def __init__(self, path, problem: str, folder=None, source=None):
+        src = f"--source {source} " if source and source != "torchvision" else ""
+        fix = f"; rebuild it with: fastres-prep {src}--out {folder} --force" if folder is not None else ""
+        super().__init__(f"{path}: {problem}{fix}")
 
 
 class _Indexable:
@@ -63,16 +80,131 @@ def read_manifest(out: str | os.PathLike) -> dict | None:
     p = Path(out) / MANIFEST_FILE
     try:
         with open(p) as f:
-            return json.load(f)
+            m = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
+    return m if isinstance(m, dict) else None
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (about 0.2 s for the 230 MB of both full CIFAR-10 .beton files)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify(out: str | os.PathLike, check_hash: bool = True) -> dict:
+    """The manifest of `out`, after checking it against the .beton files it describes.
+
+    Checks, cheapest first: the manifest is there and whole; each .beton has the recorded size,
+    opens as an FFCV file, holds the recorded number of images with the recorded per-class label
+    counts; and (check_hash) its bytes have the recorded SHA-256. Raises DataError naming the file
+    and the mismatch.
+    """
+    out = Path(out)
+    mpath = out / MANIFEST_FILE
+    m = read_manifest(out)
+    if m is None:
+        if mpath.exists():
+            raise DataError(mpath, "unreadable manifest (not JSON)", out)
+        if any((out / f).exists() for f in (TRAIN_FILE, TEST_FILE)):
+            raise DataError(mpath, "manifest missing, so the .beton files beside it cannot be verified", out)
+        raise DataError(out, f"no converted CIFAR-10 here ({TRAIN_FILE}, {TEST_FILE}, {MANIFEST_FILE}); "
+                             f"convert it with: fastres-prep --out {out}")
+
+    def bad(path, problem):  # the fix names the source the files were made from
+        return DataError(path, problem, out, m.get("source"))
+
+    if m.get("format_version") != FORMAT_VERSION:
+        raise bad(mpath, f"written by another fastres-prep version (format {m.get('format_version')}, "
+                         f"this one reads {FORMAT_VERSION})")
+    try:
+        stats = [[float(v) for v in m[k]] for k in ("mean", "std")]
+        counts = {s: int(m["counts"][s]) for s in ("train", "test")}
+        per_class = {s: [int(v) for v in m["per_class"][s]] for s in ("train", "test")}
+        sizes = {s: int(m["file_bytes"][s]) for s in ("train", "test")}
+        digests = {s: str(m["file_sha256"][s]) for s in ("train", "test")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(mpath, f"incomplete manifest ({type(e).__name__}: {e})") from None
+    if any(len(v) != 3 for v in stats) or min(stats[1]) <= 0:
+        raise bad(mpath, "mean and std must be 3 numbers per channel, std > 0")
+    for split, name in (("train", TRAIN_FILE), ("test", TEST_FILE)):
+        path = out / name
+        if not path.is_file():
+            raise bad(path, "file not found")
+        size = path.stat().st_size
+        if size != sizes[split]:
+            raise bad(path, f"{size:,} bytes, the manifest says {sizes[split]:,} (truncated or replaced?)")
+        try:
+            labels = beton_labels(path)
+        except Exception as e:  # FFCV raises whatever numpy raises on a damaged header
+            raise bad(path, f"not a readable FFCV file ({type(e).__name__}: {e})") from None
+        if len(labels) != counts[split]:
+            raise bad(path, f"holds {len(labels):,} images, the manifest says {counts[split]:,}")
+        found = np.bincount(labels, minlength=NUM_CLASSES).tolist()
+        if found != per_class[split]:
+            raise bad(path, f"per-class counts {found}, the manifest says {per_class[split]}")
+        if check_hash and file_sha256(path) != digests[split]:
+            raise bad(path, "content differs from the manifest's SHA-256 (damaged or replaced)")
+    return m
+
+
+def beton_labels(path: Path) -> np.ndarray:
+    """All labels of a .beton file without decoding images (FFCV keeps IntFields in its metadata)."""
+    from ffcv.reader import Reader
+
+    r = Reader(str(path))
+    return np.asarray(r.metadata["f" + str(list(r.handlers).index("label"))])
 
 
 def is_up_to_date(out: str | os.PathLike, digest: str) -> bool:
-    out = Path(out)
+    """The output holds exactly this content, verified (a damaged output is rebuilt)."""
     m = read_manifest(out)
-    return (m is not None and m.get("content_sha256") == digest and m.get("format_version") == FORMAT_VERSION
-            and (out / TRAIN_FILE).is_file() and (out / TEST_FILE).is_file())
+    if m is None or m.get("content_sha256") != digest:
+        return False
+    try:
+        verify(out)
+    except DataError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(out: Path, log=print) -> None:
+    """Delete the temporary files of conversions into `out` whose process is no longer running."""
+    for p in out.iterdir() if out.is_dir() else ():
+        hit = _TMP.match(p.name)
+        if hit and not _pid_alive(int(hit.group(2))):
+            p.unlink(missing_ok=True)
+            log(f"fastres-prep: removed {p}, left by a conversion (pid {hit.group(2)}) that did not finish")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_PR_SET_PDEATHSIG = 1
+_writing = False  # True while write_beton runs: only FFCV's writer processes are forked then
+
+
+def _die_with_parent() -> None:
+    """In a forked writer process: the kernel sends SIGKILL when the converting process dies, so a
+    killed conversion never leaves workers running (holding a deleted file and shared memory)."""
+    if not _writing:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: nothing to arrange
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    # FFCV's DatasetWriter forks its workers with multiprocessing; this runs in each of them.
+    os.register_at_fork(after_in_child=_die_with_parent)
 
 
 def write_beton(split: Split, path: Path, num_workers: int) -> None:
@@ -83,14 +215,20 @@ def write_beton(split: Split, path: Path, num_workers: int) -> None:
         "image": RGBImageField(write_mode="raw", max_resolution=32),  # raw = lossless
         "label": IntField(),
     }, num_workers=num_workers)
-    writer.from_indexed_dataset(_Indexable(split), chunksize=500)  # shows a tqdm progress bar
+    global _writing
+    _writing = True
+    try:
+        writer.from_indexed_dataset(_Indexable(split), chunksize=500)  # shows a tqdm progress bar
+    finally:
+        _writing = False
 
 
 def convert(train: Split, test: Split, out: str | os.PathLike, source_desc: str,
-            num_workers: int = -1, extra: dict | None = None) -> dict:
+            num_workers: int = -1, extra: dict | None = None, log=print) -> dict:
     """Write both .beton files and the manifest into `out`; returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, log)
     if num_workers < 1:
         num_workers = max(1, min(os.cpu_count() or 1, 8))
     tmp = {name: out / f".{name}.tmp-{os.getpid()}" for name in (TRAIN_FILE, TEST_FILE, MANIFEST_FILE)}
@@ -110,6 +248,8 @@ def convert(train: Split, test: Split, out: str | os.PathLike, source_desc: str,
             "mean": mean,  # per channel (R, G, B), pixel / 255, training images
             "std": std,
             "content_sha256": content_hash(train, test),
+            "file_bytes": {s: tmp[f].stat().st_size for s, f in (("train", TRAIN_FILE), ("test", TEST_FILE))},
+            "file_sha256": {s: file_sha256(tmp[f]) for s, f in (("train", TRAIN_FILE), ("test", TEST_FILE))},
             **(extra or {}),
         }
         with open(tmp[MANIFEST_FILE], "w") as f:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastres.errors import BadInput
+
 NUM_CLASSES = 10
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -22,8 +24,8 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 
 
-class SourceError(Exception):
-    """A source file that is missing, malformed or holds out-of-range values."""
+class SourceError(BadInput):
+    """A source file that is missing, malformed or holds out-of-range values (exit status 2)."""
 
     def __init__(self, path, problem: str):
         self.path, self.problem = str(path), problem
@@ -129,7 +131,10 @@ def load(source: str | os.PathLike, download_dir: str | os.PathLike = "./downloa
         try:
             ds = torchvision.datasets.CIFAR10(str(download_dir), train=train, download=True)
         except Exception as e:  # network errors, checksum failures, ...
-            raise SourceError(download_dir, f"torchvision CIFAR-10 download failed ({type(e).__name__}: {e})") from None
+            raise SourceError(download_dir, f"torchvision CIFAR-10 download failed ({type(e).__name__}: {e}). "
+                                            "Without internet, use a CIFAR-10 copy you have: --source DIR, or set "
+                                            "FASTRES_CIFAR10=DIR (DIR holding cifar-10-batches-py or "
+                                            "train.npz/test.npz)") from None
         splits.append(validate(ds.data, np.asarray(ds.targets), download_dir))
     return splits[0], splits[1]
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .config import ConfigError, PRESETS, help_text, make_config, parse_overrides
-
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+from .errors import Interrupted, cli_main
 
 TRAIN_EPILOG = """\
 settings (any of them as --key value; booleans also as a bare --key; defaults are the 'paper' preset's):
@@ -53,20 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit statuses: see fastres/errors.py (0 done, 2 bad input, 3 diverged, 4 cannot write output,
+    5 run folder in use, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else argv
     args, rest = build_parser().parse_known_args(argv)
-    try:
+
+    def run() -> int:
         if args.command == "train":
-            from .train import NonFiniteLoss, ResumeError, train
+            from .train import train
             cfg = make_config(args.preset, parse_overrides(rest))
             try:
                 train(cfg, resume=args.resume)
-            except NonFiniteLoss as e:
-                print(f"fastres: error: {e}", file=sys.stderr)
-                return EXIT_DIVERGED
-            except ResumeError as e:
-                print(f"fastres: error: {e}", file=sys.stderr)
-                return EXIT_BAD_INPUT
+            except Interrupted as e:  # say how to continue: the same command with --resume
+                again = ["fastres", *argv] + ([] if args.resume else ["--resume"])
+                raise Interrupted(f"{e}\nresume with: {shlex.join(again)}", e.exit_status - 128) from None
         elif args.command == "eval":
             if rest:
                 raise ConfigError(f"unexpected arguments {' '.join(rest)}")
@@ -75,17 +75,9 @@ def main(argv=None) -> int:
         elif args.command == "sweep":
             from .sweep import sweep
             sweep(args.preset, args.seeds, parse_overrides(rest), args.out)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"fastres: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as e:
-        from data_prep import SourceError
-        if isinstance(e, SourceError):
-            print(f"fastres: error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
-    return 0
+        return 0
 
+    return cli_main("fastres", run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,9 +12,11 @@ import json
 import typing
 from dataclasses import dataclass, fields
 
+from .errors import BadInput
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(BadInput):
+    """A bad setting: unknown key, wrong type or value out of range (exit status 2)."""
 
 
 @dataclass(frozen=True)

@@ -12,20 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep import MANIFEST_FILE, TEST_FILE, TRAIN_FILE, balanced_indices, read_manifest
-
-
-def beton_labels(path: str | os.PathLike) -> np.ndarray:
-    """All labels of a .beton file without decoding images (FFCV keeps IntFields in its metadata)."""
-    from ffcv.reader import Reader
-
-    r = Reader(str(path))
-    return np.asarray(r.metadata["f" + str(list(r.handlers).index("label"))])
+from data_prep import MANIFEST_FILE, TEST_FILE, TRAIN_FILE, balanced_indices
+from data_prep.convert import DataError, beton_labels, verify
 
 
 def has_data(data_dir: str | os.PathLike) -> bool:
+    """Any of the converted files is there (whether they are sound is verify's business)."""
     d = Path(data_dir)
-    return (d / TRAIN_FILE).is_file() and (d / TEST_FILE).is_file() and read_manifest(d) is not None
+    return any((d / f).exists() for f in (TRAIN_FILE, TEST_FILE, MANIFEST_FILE))
 
 
 def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: int = 0,
@@ -44,9 +38,12 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: .beton file not found (run fastres-prep)")
+        raise DataError(path, ".beton file not found (convert CIFAR-10 with fastres-prep)")
     to_dev = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
-    indices = balanced_indices(beton_labels(path), limit) if limit else None
+    try:
+        indices = balanced_indices(beton_labels(path), limit) if limit else None
+    except ValueError as e:  # more images asked than the file (or a class) holds
+        raise DataError(path, f"{e} (--train-limit / --test-limit)") from None
     rank, world = shard
     if world > 1:
         indices = (np.arange(len(beton_labels(path))) if indices is None else indices)[rank::world]
@@ -132,9 +129,9 @@ class Batches:
                  channels_last: bool = True, augment: bool = True, num_workers: int = -1,
                  distributed: bool = False, rank: int = 0, world: int = 1, compile_augment: bool = False):
         d = Path(data_dir)
-        self.manifest = read_manifest(d)
-        if self.manifest is None:
-            raise FileNotFoundError(f"{d / MANIFEST_FILE}: manifest not found (run fastres-prep)")
+        # Sizes, image and label counts and SHA-256 of both files against the manifest, before
+        # FFCV maps them: a damaged file is one clear message, not an error from inside FFCV.
+        self.manifest = verify(d)
         self.device, self.seed, self.dtype = device, seed, dtype
         self.channels_last, self.do_augment = channels_last, augment
         self.mean = torch.tensor(self.manifest["mean"], dtype=torch.float32, device=device)

@@ -3,24 +3,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from . import runtime
 from .config import from_dict
 from .data import Batches
 from .distributed import Dist
+from .errors import BadInput
+from .rundir import check_weights, load_checkpoint
 from .train import build_model, ensure_data, evaluate
 
 
 def evaluate_checkpoint(path, data=None, tta=False, device="auto", log=print) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path, keys=("model", "config", "epoch"))  # BadInput if damaged or foreign
     overrides = {"device": device, "compile": "off"}
     if data:
         overrides["data"] = str(data)
-    cfg = from_dict({**ck["config"], **overrides})
+    try:
+        cfg = from_dict({**ck["config"], **overrides})
+    except (BadInput, TypeError, AttributeError) as e:
+        raise BadInput(f"{path}: its config is not valid ({e})") from None
     rt = runtime.resolve(cfg)
     ensure_data(cfg, Dist(), log)
     batches = Batches(cfg.data, cfg.batch_size, cfg.eval_batch_size, rt.device, cfg.seed,
@@ -28,7 +29,9 @@ def evaluate_checkpoint(path, data=None, tta=False, device="auto", log=print) ->
                       num_workers=cfg.loader_workers)
     model = build_model(cfg, rt)
     # The EMA weights, when the run kept them, are what the run evaluated.
-    model.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["model"])
+    weights = ck["ema"] if ck.get("ema") is not None else ck["model"]
+    check_weights(path, weights, model)
+    model.load_state_dict(weights)
     loss, acc = evaluate(model, batches, rt, tta, Dist())
     log(f"{path}: epoch {ck['epoch']}, {batches.num_test} test images, "
         f"test loss {loss:.4f}, test accuracy {acc:.2%}" + (" (flip TTA)" if tta else ""))

@@ -9,15 +9,21 @@
 5. resume from RUN_DIR/last.pt if asked
 6. per epoch: train (progress bar), evaluate, print a table row, write record.json, curves.png
    and last.pt (atomically); stop on a non-finite loss, keeping the last good checkpoint
+
+The run folder is locked while the run writes it, and Ctrl-C stops between two steps; failures
+a user can act on raise fastres.errors types (see there for the exit statuses).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
 import platform
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -31,18 +37,20 @@ from . import runtime
 from .config import Config, from_dict
 from .data import Batches, has_data
 from .distributed import Dist
+from .errors import BadInput, Diverged, Interrupted, OutputError
 from .model import count_params, resnet
+from .rundir import RunLock, StopRequest, atomic_write, load_checkpoint, prepare_out
 
 CHECKPOINT, RECORD, CURVES = "last.pt", "record.json", "curves.png"
 # Settings a resumed run may change: they move files or threads around, not the arithmetic.
 RESUME_MAY_DIFFER = {"out", "data", "loader_workers", "device", "eval_batch_size"}
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(Diverged):
     pass
 
 
-class ResumeError(RuntimeError):
+class ResumeError(BadInput):
     pass
 
 
@@ -136,18 +144,6 @@ def evaluate(model, batches, rt: runtime.Runtime, tta: bool, dist: Dist) -> tupl
     return loss_sum.item() / count.item(), correct.item() / count.item()
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over `path`: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -224,11 +220,13 @@ def build_model(cfg: Config, rt: runtime.Runtime) -> torch.nn.Module:
 
 
 def ensure_data(cfg: Config, dist: Dist, log=print) -> None:
-    """Convert CIFAR-10 into cfg.data (from $FASTRES_CIFAR10 or the torchvision download) if missing."""
+    """Convert CIFAR-10 into cfg.data (from $FASTRES_CIFAR10 or the torchvision download, into
+    cfg.data/downloads) when none of its files are there; files that are there are verified by
+    Batches and never silently rebuilt."""
     if dist.main and not has_data(cfg.data):
         from data_prep.cli import prepare
         log(f"no .beton files in {cfg.data}: converting CIFAR-10 first")
-        prepare(None, cfg.data, download_dir=str(Path(cfg.data) / "downloads"))
+        prepare(None, cfg.data)
     dist.barrier()
 
 
@@ -245,10 +243,17 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     t_start = time.perf_counter()
     dist = Dist.from_env(cfg.device)
     log = log if dist.main else (lambda *a, **k: None)
+    with contextlib.ExitStack() as held:
+        out = Path(cfg.out)
+        if dist.main:  # before any heavy work: the folder is writable and no other run holds it
+            prepare_out(out)
+            held.enter_context(RunLock(out, log))
+        stop = held.enter_context(StopRequest(log))
+        return _train(cfg, resume, log, dist, out, stop, t_start)
+
+
+def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest, t_start: float) -> dict:
     rt = runtime.resolve(cfg, dist.local_rank, dist.world)
-    out = Path(cfg.out)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % dist.world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
     rank_batch = cfg.batch_size // dist.world
@@ -291,6 +296,23 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
 
     step = make_train_step(train_model, opt, sched, ema, criterion, rt)
 
+    # --- the checkpoint to resume from, checked now rather than after a long warm-up ------------
+    ckpt_path, ck = out / CHECKPOINT, None
+    if resume:
+        if ckpt_path.is_file():
+            ck = load_checkpoint(ckpt_path, model, map_location=rt.device)  # BadInput if damaged or foreign
+            try:
+                old = from_dict(ck["config"])
+            except (BadInput, TypeError) as e:
+                raise ResumeError(f"{ckpt_path}: its config is not valid ({e})") from None
+            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_dict()
+                    if k not in RESUME_MAY_DIFFER and getattr(old, k) != getattr(cfg, k)}
+            if diff:
+                raise ResumeError(f"{ckpt_path} was written with other settings: " +
+                                  ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items()))
+        else:
+            log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
+
     # --- warm-up: compile and autotune on random data, then put everything back ----------------
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict()))
     g = torch.Generator(device=rt.device).manual_seed(12345)
@@ -321,26 +343,18 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     if rt.device.type == "cpu" and estimate_s > 30 * 60:
         log(f"NOTE: no GPU; this run will take about {estimate_s / 3600:.1f} h on this CPU. "
             "For a run of a few minutes use --preset smoke.")
+    if stop.signum:  # Ctrl-C during the warm-up: nothing of this run was written yet
+        raise Interrupted("stopped before training started; nothing was written", stop.signum)
 
     # --- resume ------------------------------------------------------------------------------
     history, start_epoch = [], 0
-    ckpt_path = out / CHECKPOINT
-    if resume:
-        if ckpt_path.is_file():
-            ck = torch.load(ckpt_path, map_location=rt.device, weights_only=False)
-            old = from_dict(ck["config"])
-            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_dict()
-                    if k not in RESUME_MAY_DIFFER and getattr(old, k) != getattr(cfg, k)}
-            if diff:
-                raise ResumeError(f"{ckpt_path} was written with other settings: " +
-                                  ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items()))
-            model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"]), ema.load_state_dict(ck["ema"])
-            set_rng_state(ck["rng"])
-            history, start_epoch = ck["history"], ck["epoch"]
-            log(f"resumed from {ckpt_path} after epoch {start_epoch}")
-        else:
-            log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
+    if ck is not None:
+        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"]), ema.load_state_dict(ck["ema"])
+        set_rng_state(ck["rng"])
+        history, start_epoch = ck["history"], ck["epoch"]
+        log(f"resumed from {ckpt_path} after epoch {start_epoch}")
+        del ck
 
     record = {"config": cfg.to_dict(), "switches": rt.summary, "environment": environment(rt),
               "parameters": n_params, "num_train": batches.num_train, "num_test": batches.num_test,
@@ -360,53 +374,81 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                           mean_epoch_train_s=round(record["train_s_total"] / len(history), 4))
         atomic_write(out / RECORD, lambda p: p.write_text(json.dumps(record, indent=2, default=str)))
 
+    def interrupted(where: str) -> Interrupted:
+        save_record("interrupted")
+        kept = (f"{ckpt_path} holds epoch {history[-1]['epoch']} and resumes from there" if history
+                else "no checkpoint of this run was written yet")
+        return Interrupted(f"stopped {where}; {kept}", stop.signum or signal.SIGINT)
+
+    # A stop request is honoured between steps: every step in a single process; every 25 steps,
+    # agreed over all ranks, under torchrun (so that all ranks stop at the same step).
+    def stop_now(synced: bool) -> bool:
+        if dist.world == 1:
+            return stop.signum != 0
+        return synced and dist.sum(torch.tensor(int(stop.signum != 0), device=rt.device)).item() > 0
+
     # --- epochs ------------------------------------------------------------------------------
     log(HEAD)
     for h in history:
         log(ROW.format(**h))
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        lr = opt.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-        correct = torch.zeros((), device=rt.device, dtype=torch.int64)
-        seen = 0
-        rt_sync()
-        t0 = time.perf_counter()
-        bar = tqdm(batches.train_epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   leave=False, disable=None if dist.main else True, mininterval=0.5)
-        for i, (x, y) in enumerate(bar):
-            loss, logits = step(x, y)
-            loss_sum += loss * y.numel()
-            correct += (logits.argmax(1) == y).sum()
-            seen += y.numel()
-            if (i + 1) % 25 == 0 or i + 1 == steps:  # one host sync per 25 steps
-                if not torch.isfinite(loss_sum):
-                    save_record("diverged")
-                    kept = (f"the last good checkpoint {ckpt_path} (after epoch {history[-1]['epoch']}) is kept"
-                            if history else "no checkpoint of this run was written")
-                    raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, step {i + 1} "
-                                        f"(lr {lr:g}); stopped: {kept}. Lower --lr or check the data.")
-        rt_sync()
-        train_s = time.perf_counter() - t0
-        seen_t = dist.sum(torch.tensor(seen, device=rt.device))
-        dist.sum(loss_sum), dist.sum(correct)
-        t0 = time.perf_counter()
-        test_loss, test_acc = evaluate(eval_model, batches, rt, cfg.tta, dist)
-        eval_s = time.perf_counter() - t0
-        n = seen_t.item()
-        h = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
-             "test_loss": test_loss, "test_acc": test_acc, "train_s": round(train_s, 4),
-             "eval_s": round(eval_s, 4), "images_per_s": round(n / train_s, 1)}
-        history.append(h)
-        log(ROW.format(**h))
-        if dist.main:
-            ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "ema": ema.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(), "history": history,
-                  "rng": rng_state()}
-            atomic_write(ckpt_path, lambda p: torch.save(ck, p))
-            save_record("running" if epoch + 1 < cfg.epochs else "finished")
-            plot_curves(history, out / CURVES, f"resnet{cfg.depth}, preset {cfg.preset}")
-        dist.barrier()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            lr = opt.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+            correct = torch.zeros((), device=rt.device, dtype=torch.int64)
+            seen = 0
+            rt_sync()
+            t0 = time.perf_counter()
+            bar = tqdm(batches.train_epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       leave=False, disable=None if dist.main else True, mininterval=0.5)
+            for i, (x, y) in enumerate(bar):
+                loss, logits = step(x, y)
+                loss_sum += loss * y.numel()
+                correct += (logits.argmax(1) == y).sum()
+                seen += y.numel()
+                synced = (i + 1) % 25 == 0 or i + 1 == steps  # one host sync per 25 steps
+                if stop_now(synced):
+                    raise interrupted(f"in epoch {epoch + 1} after step {i + 1} of {steps}")
+                if synced:
+                    if not torch.isfinite(loss_sum):
+                        save_record("diverged")
+                        kept = (f"the last good checkpoint {ckpt_path} (after epoch {history[-1]['epoch']}) "
+                                "is kept" if history else "no checkpoint of this run was written")
+                        raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, step {i + 1} "
+                                            f"(lr {lr:g}); stopped: {kept}. Lower --lr or check the data.")
+            rt_sync()
+            train_s = time.perf_counter() - t0
+            seen_t = dist.sum(torch.tensor(seen, device=rt.device))
+            dist.sum(loss_sum), dist.sum(correct)
+            t0 = time.perf_counter()
+            test_loss, test_acc = evaluate(eval_model, batches, rt, cfg.tta, dist)
+            eval_s = time.perf_counter() - t0
+            n = seen_t.item()
+            h = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
+                 "test_loss": test_loss, "test_acc": test_acc, "train_s": round(train_s, 4),
+                 "eval_s": round(eval_s, 4), "images_per_s": round(n / train_s, 1)}
+            history.append(h)
+            log(ROW.format(**h))
+            if dist.main:
+                ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "ema": ema.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(), "history": history,
+                      "rng": rng_state()}
+                # Serialized in memory first (a few MB), so that a failed write reports the OS's
+                # reason (disk full, file too large) rather than torch's zip writer's.
+                blob = io.BytesIO()
+                torch.save(ck, blob)
+                atomic_write(ckpt_path, lambda p: p.write_bytes(blob.getbuffer()))
+                save_record("running" if epoch + 1 < cfg.epochs else "finished")
+                plot_curves(history, out / CURVES, f"resnet{cfg.depth}, preset {cfg.preset}")
+            dist.barrier()
+    except KeyboardInterrupt:  # Ctrl-C pressed twice: stop at once (a checkpoint write in flight is dropped)
+        raise interrupted(f"during epoch {epoch + 1}") from None
+    except OutputError:
+        with contextlib.suppress(OutputError):
+            save_record("output_error")
+        raise
 
     if dist.main:
         save_record("finished")
@@ -414,3 +456,4 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             f"evaluation {record['eval_s_total']:.1f} s, warm-up {warmup_s:.1f} s; record: {out / RECORD}")
     dist.close()
     return record
+

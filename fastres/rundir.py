@@ -1,0 +1,170 @@
+"""The run folder: a lock so that one training writes it at a time, atomic writes that fail with
+a clear message, checkpoints verified before they are trusted, and a clean stop on Ctrl-C.
+
+    with RunLock(out, log):            # refuses a folder another live training holds (exit 5)
+        atomic_write(out / "last.pt", lambda p: torch.save(ck, p))   # OutputError on a full disk
+        ck = load_checkpoint(out / "last.pt", model)                 # BadInput if damaged/foreign
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from .errors import BadInput, OutputError, RunInUse, describe_os_error
+
+LOCK = "run.lock"
+# What a checkpoint written by `fastres train` holds; eval needs only the first three.
+CHECKPOINT_KEYS = ("model", "config", "epoch", "optimizer", "scheduler", "ema", "history", "rng")
+
+
+def prepare_out(out: Path) -> None:
+    """Create the run folder, or say in one line why it cannot be (before any heavy work)."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: is a file, not a folder; name a folder for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the run folder {out}: {describe_os_error(e)}; "
+                          "choose another --out") from None
+
+
+class RunLock:
+    """An advisory lock on RUN_DIR/run.lock (flock, released by the kernel when the process dies),
+    holding the owner's pid. A second training into the same folder is refused; a lock file left
+    by a dead process is taken over with a message. Creating it also proves the folder writable."""
+
+    def __init__(self, out: Path, log=print):
+        self.path = Path(out) / LOCK
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot write in the run folder {out}: {describe_os_error(e)}; "
+                                  "choose another --out") from None
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._read()
+                os.close(self.fd)
+                raise RunInUse(f"{out} is in use by another training (pid {owner or '?'}); wait for it to "
+                               "end, stop it, or choose another --out") from None
+            try:  # the file we locked may have been removed by its owner's exit meanwhile
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+        stale = self._read()
+        if stale and stale != str(os.getpid()):
+            log(f"{self.path}: taking over the lock of pid {stale}, which is no longer running")
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            self.release()
+            raise OutputError(f"cannot write in the run folder {out}: {describe_os_error(e)}; "
+                              "choose another --out") from None
+
+    def _read(self) -> str:
+        try:
+            return os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # still ours: removed before the lock is let go
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over `path`: readers never see a half-written file, and a
+    failed write (disk full, read-only, quota) leaves the previous file as it was."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports write failures as RuntimeError
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise OutputError(f"could not write {path}: {why}; {kept}. Free some space (or choose another "
+                          "--out) and resume with --resume") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module | None = None, keys=CHECKPOINT_KEYS,
+                    map_location="cpu") -> dict:
+    """A checkpoint, checked before anything is taken from it: it loads, has `keys`, and (given
+    a model) its weights have exactly the model's names and shapes. Raises BadInput otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: checkpoint not found")
+    try:
+        # weights_only=False: the checkpoint holds NumPy and Python RNG states. Load only
+        # checkpoints you wrote (pickle runs code).
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, not a torch file, unpickling errors
+        reason = (str(e).splitlines() or [""])[0].split(". ")[0][:160]  # the first sentence
+        raise BadInput(f"{path}: not a readable checkpoint, perhaps truncated or not written by fastres "
+                       f"({type(e).__name__}: {reason}); delete it to start over, or name another") from None
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise BadInput(f"{path}: not a fastres checkpoint (missing {', '.join(missing)})")
+    if model is not None:
+        check_weights(path, ck["model"], model)
+    return ck
+
+
+def check_weights(path: Path, state_dict, model: torch.nn.Module) -> None:
+    """BadInput unless `state_dict` has exactly the model's tensor names and shapes."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    except (AttributeError, TypeError):
+        raise BadInput(f"{path}: its weights are not a state dict") from None
+    if got != want:
+        diff = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
+        raise BadInput(f"{path}: its weights do not fit this model ({len(diff)} tensors differ, e.g. "
+                       f"{diff[0]}); it was written for another --depth/--widths, or is damaged")
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks the training to stop at the next safe point (between two
+    steps, never inside a checkpoint write); a second Ctrl-C stops at once. `signum` is the
+    signal that asked, or 0."""
+
+    def __init__(self, log=print):
+        self.signum, self.log, self._old = 0, log, {}
+
+    def _handler(self, signum, frame):
+        if self.signum:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"\n{signal.Signals(signum).name}: stopping after this step "
+                 "(the last checkpoint is kept; Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = {}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
