@@ -18,7 +18,8 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    # tensorboard: optional for users (--tensorboard); the tests read back what it writes.
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "tensorboard"]},
     entry_points={
         "console_scripts": [
             "fastres=fastres.cli:main",

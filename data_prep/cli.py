@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     """Exit statuses as for `fastres` (fastres/errors.py): 2 bad input or usage, 4 cannot write,
     130 interrupted."""
     args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log as they are printed
     return cli_main("fastres-prep", lambda: prepare(args.source, args.out, args.download_dir, args.limit_train,
                                                     args.limit_test, args.force, args.workers) and 0)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fastres.errors import BadInput
+from fastres.progress import Progress
 from .sources import NUM_CLASSES, Split, balanced_indices
 
 TRAIN_FILE = "cifar10_train.beton"
@@ -207,20 +208,26 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_die_with_parent)
 
 
-def write_beton(split: Split, path: Path, num_workers: int) -> None:
+def write_beton(split: Split, path: Path, num_workers: int, name: str = "", log=print) -> None:
+    import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
-    writer = DatasetWriter(str(path), {
+    writer = ffcv.writer.DatasetWriter(str(path), {
         "image": RGBImageField(write_mode="raw", max_resolution=32),  # raw = lossless
         "label": IntField(),
     }, num_workers=num_workers)
     global _writing
     _writing = True
+    # FFCV draws a tqdm bar, which in a log is one carriage-return redraw per update; Progress is
+    # the same bar on a terminal and a plain line every 5 s elsewhere.
+    bar = ffcv.writer.tqdm
+    ffcv.writer.tqdm = lambda total: Progress(total=total, desc=f"fastres-prep: writing {name or path.name}",
+                                              every_s=5.0, log=log, done_line=True)
     try:
-        writer.from_indexed_dataset(_Indexable(split), chunksize=500)  # shows a tqdm progress bar
+        writer.from_indexed_dataset(_Indexable(split), chunksize=500)
     finally:
         _writing = False
+        ffcv.writer.tqdm = bar
 
 
 def convert(train: Split, test: Split, out: str | os.PathLike, source_desc: str,
@@ -233,8 +240,8 @@ def convert(train: Split, test: Split, out: str | os.PathLike, source_desc: str,
         num_workers = max(1, min(os.cpu_count() or 1, 8))
     tmp = {name: out / f".{name}.tmp-{os.getpid()}" for name in (TRAIN_FILE, TEST_FILE, MANIFEST_FILE)}
     try:
-        write_beton(train, tmp[TRAIN_FILE], num_workers)
-        write_beton(test, tmp[TEST_FILE], num_workers)
+        write_beton(train, tmp[TRAIN_FILE], num_workers, TRAIN_FILE, log)
+        write_beton(test, tmp[TEST_FILE], num_workers, TEST_FILE, log)
         mean, std = channel_stats(train.images)
         manifest = {
             "format_version": FORMAT_VERSION,

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="tuned")
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     s.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-PRESET)")
+    c = sub.add_parser("compare", help="runs side by side: a table of speed and accuracy, and a PNG",
+                       description="One row per run (preset, switches, device, mean epoch seconds, total "
+                                   "training seconds, final and best test accuracy) and a plot of test "
+                                   "accuracy against cumulative training seconds, one line per run.")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by 'fastres train'")
+    c.add_argument("--png", default="compare.png", help="where to write the plot (default: compare.png)")
     return p
 
 
@@ -56,6 +62,7 @@ def main(argv=None) -> int:
     """Exit statuses: see fastres/errors.py (0 done, 2 bad input, 3 diverged, 4 cannot write output,
     5 run folder in use, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else argv
+    sys.stdout.reconfigure(line_buffering=True)  # table rows reach a log or `tee` as they are printed
     args, rest = build_parser().parse_known_args(argv)
 
     def run() -> int:
@@ -64,14 +71,20 @@ def main(argv=None) -> int:
             cfg = make_config(args.preset, parse_overrides(rest))
             try:
                 train(cfg, resume=args.resume)
-            except Interrupted as e:  # say how to continue: the same command with --resume
-                again = ["fastres", *argv] + ([] if args.resume else ["--resume"])
+            except Interrupted as e:  # say how to continue: the same command with --resume (and --out)
+                out = [] if cfg.out or getattr(e, "run_dir", None) is None else ["--out", str(e.run_dir)]
+                again = ["fastres", *argv, *out] + ([] if args.resume else ["--resume"])
                 raise Interrupted(f"{e}\nresume with: {shlex.join(again)}", e.exit_status - 128) from None
         elif args.command == "eval":
             if rest:
                 raise ConfigError(f"unexpected arguments {' '.join(rest)}")
             from .evaluate import evaluate_checkpoint
             evaluate_checkpoint(args.checkpoint, args.data, args.tta, args.device)
+        elif args.command == "compare":
+            if rest:
+                raise ConfigError(f"unexpected arguments {' '.join(rest)}")
+            from .compare import compare
+            compare(args.runs, args.png)
         elif args.command == "sweep":
             from .sweep import sweep
             sweep(args.preset, args.seeds, parse_overrides(rest), args.out)

@@ -8,6 +8,7 @@ ConfigError with one clear message (the CLI prints it and exits with status 2).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import typing
 from dataclasses import dataclass, fields
@@ -61,7 +62,13 @@ class Config:
     sync_bn: bool = False                 # SyncBatchNorm across processes (distributed runs)
     # --- run -------------------------------------------------------------------------------
     seed: int = 0                         # model init, data order and augmentation
-    out: str = "runs/latest"              # run folder: record.json, curves.png, last.pt
+    out: str = ""                         # run folder: record.json, metrics.csv, curves.png, last.pt
+                                          # ("" = a new runs/PRESET/DATE-TIME, linked as runs/latest;
+                                          # with --resume, the run runs/latest points at)
+    progress_s: float = 10.0              # seconds between progress lines when output is not a
+                                          # terminal (a terminal gets a live bar); 0 = every step
+    tensorboard: bool = False             # also write TensorBoard scalars to RUN_DIR/tensorboard
+                                          # (needs the tensorboard package)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,7 +145,7 @@ def validate(cfg: Config) -> Config:
             bad(key, f"must be > 0; got {getattr(cfg, key)}")
     if not cfg.lr > 0:  # also rejects NaN
         bad("lr", f"must be > 0; got {cfg.lr}")
-    for key in ("train_limit", "test_limit", "lr_ref_batch", "weight_decay", "warmup_epochs"):
+    for key in ("train_limit", "test_limit", "lr_ref_batch", "weight_decay", "warmup_epochs", "progress_s"):
         if not getattr(cfg, key) >= 0:
             bad(key, f"must be >= 0; got {getattr(cfg, key)}")
     for key in ("momentum", "label_smoothing", "ema"):
@@ -158,15 +165,24 @@ def make_config(preset: str = "paper", overrides: dict | None = None) -> Config:
     for key, raw in (overrides or {}).items():
         key = key.replace("-", "_")
         if key not in _TYPES or key == "preset":
-            raise ConfigError(f"unknown setting --{key.replace('_', '-')} (see 'fastres train --help')")
+            raise unknown_setting(key)
         values[key] = parse_value(key, raw)
     return validate(Config(**values))
+
+
+def unknown_setting(key: str) -> ConfigError:
+    """'unknown setting --lrr; did you mean --lr?'"""
+    names = [k for k in _TYPES if k != "preset"]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
+    return ConfigError(f"unknown setting --{key.replace('_', '-')}{hint} (see 'fastres train --help')")
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """['--lr', '0.1', '--no-decay-bn-bias', 'true'] -> {'lr': '0.1', 'no_decay_bn_bias': 'true'}.
 
-    '--key=value' works too. A bool flag given without a value means true.
+    '--key=value' works too. A bool flag given without a value means true; '--no-KEY' (no value)
+    means false, for any bool KEY ('--no-augment').
     """
     out, i = {}, 0
     while i < len(args):
@@ -175,8 +191,12 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             raise ConfigError(f"unexpected argument {a!r}; settings are given as --key value")
         key, _, val = a[2:].partition("=")
         key = key.replace("-", "_")
+        if key not in _TYPES and key.startswith("no_") and _TYPES.get(key[3:]) is bool and not _:
+            out[key[3:]] = "false"
+            i += 1
+            continue
         if key not in _TYPES or key == "preset":
-            raise ConfigError(f"unknown setting --{key.replace('_', '-')} (see 'fastres train --help')")
+            raise unknown_setting(key)
         if not _:
             nxt = args[i + 1] if i + 1 < len(args) else None
             if _TYPES[key] is bool and (nxt is None or nxt.startswith("--")):

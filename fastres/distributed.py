@@ -49,6 +49,14 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def broadcast_str(self, s: str) -> str:
+        """Rank 0's value of s on every rank."""
+        if self.world == 1:
+            return s
+        box = [s]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self):
         if self.world > 1:
             dist.barrier()

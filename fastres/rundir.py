@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -17,8 +18,44 @@ import torch
 from .errors import BadInput, OutputError, RunInUse, describe_os_error
 
 LOCK = "run.lock"
+RUNS = Path("runs")  # where runs go without --out: RUNS/PRESET/DATE-TIME, RUNS/latest the newest
 # What a checkpoint written by `fastres train` holds; eval needs only the first three.
 CHECKPOINT_KEYS = ("model", "config", "epoch", "optimizer", "scheduler", "ema", "history", "rng")
+
+
+def new_run_dir(preset: str, root: Path = RUNS) -> Path:
+    """A folder name no earlier run has: root/PRESET/YYYYmmdd-HHMMSS, with -2, -3, ... if taken."""
+    base = root / preset / time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def link_latest(out: Path, root: Path = RUNS) -> None:
+    """Point root/latest at `out` (a relative symlink, replaced atomically), when out is under root."""
+    try:
+        target = Path(os.path.relpath(out.resolve(), root.resolve()))
+    except ValueError:
+        return
+    if target.parts[:1] == ("..",) or not root.is_dir():
+        return
+    link = root / "latest"
+    if link.exists() and not link.is_symlink():
+        return  # a real folder of that name (an older fastres's default): leave it
+    tmp = root / f".latest.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def latest_run(root: Path = RUNS) -> Path:
+    """The run root/latest points at, for --resume without --out."""
+    link = root / "latest"
+    if not link.exists():
+        raise BadInput(f"--resume without --out: there is no {link} to resume; name the run with --out RUN_DIR")
+    return link.resolve()
 
 
 def prepare_out(out: Path) -> None:

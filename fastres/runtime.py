@@ -7,6 +7,7 @@ a disabled one), runs `rt.compile(model)` (torch.compile or the identity), feeds
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -58,6 +59,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
     dev = resolve_device(cfg.device, local_rank)
     cuda = dev.type == "cuda"
+    if not torch.cuda.is_available():
+        # inductor imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on
+        # every CPU-only machine; nothing here needs the CUDA toolkit, so the warning is noise.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     s = {"device": str(dev)}
     if cuda:
         s["device_name"] = torch.cuda.get_device_name(dev)

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from .config import from_dict, make_config
-from .train import RECORD, train
+from .train import CHECKPOINT, RECORD, train
 
 
 def summarize(records: list[dict]) -> dict:
@@ -34,8 +34,9 @@ def sweep(preset: str, seeds: list[int], overrides: dict, out: str | None = None
         if rec and rec.get("status") == "finished" and from_dict(rec["config"]) == cfg:
             log(f"seed {cfg.seed}: finished run found in {cfg.out}, reading it")
         else:
-            log(f"seed {cfg.seed}: training in {cfg.out}")
-            rec = train(cfg, resume=True)
+            resume = (Path(cfg.out) / CHECKPOINT).is_file()  # an unfinished run of this sweep continues
+            log(f"seed {cfg.seed}: {'resuming' if resume else 'training'} in {cfg.out}")
+            rec = train(cfg, resume=resume)
         records.append(rec)
     s = {"preset": preset, "overrides": overrides, **summarize(records)}
     (out / "summary.json").write_text(json.dumps(s, indent=2))

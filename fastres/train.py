@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import csv
+import importlib.metadata
 import io
 import json
 import math
@@ -24,6 +27,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import runtime
 from .config import Config, from_dict
@@ -39,9 +42,11 @@ from .data import Batches, has_data
 from .distributed import Dist
 from .errors import BadInput, Diverged, Interrupted, OutputError
 from .model import count_params, resnet
-from .rundir import RunLock, StopRequest, atomic_write, load_checkpoint, prepare_out
+from .progress import Progress, duration
+from .rundir import (RunLock, StopRequest, atomic_write, latest_run, link_latest, load_checkpoint, new_run_dir,
+                     prepare_out)
 
-CHECKPOINT, RECORD, CURVES = "last.pt", "record.json", "curves.png"
+CHECKPOINT, RECORD, CURVES, METRICS_CSV = "last.pt", "record.json", "curves.png", "metrics.csv"
 # Settings a resumed run may change: they move files or threads around, not the arithmetic.
 RESUME_MAY_DIFFER = {"out", "data", "loader_workers", "device", "eval_batch_size"}
 
@@ -98,11 +103,15 @@ def make_criterion(cfg: Config) -> torch.nn.Module:
 class EMA:
     """Exponential moving average of the weights (buffers copied), used for evaluation.
 
-    decay 0 makes it a no-op whose `.model` is the trained model itself.
+    The decay warms up with the number of updates n: min(decay, (1 + n) / (10 + n)), as the common
+    implementations do (TensorFlow's num_updates, timm), so that a short run's EMA is an average
+    of its recent weights rather than of the initial ones (decay 0.999 alone keeps 85% of the
+    initial weights after 156 steps). `updates` goes into the checkpoint. decay 0 makes it a
+    no-op whose `.model` is the trained model itself.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.source = decay, model
+        self.decay, self.source, self.updates = decay, model, 0
         self.model = model
         if decay > 0:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -110,10 +119,14 @@ class EMA:
             self._src_p = list(model.parameters())
             self._ema_b, self._src_b = list(self.model.buffers()), list(model.buffers())
 
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self):
         if self.decay > 0:
-            torch._foreach_lerp_(self._ema_p, self._src_p, 1 - self.decay)
+            torch._foreach_lerp_(self._ema_p, self._src_p, 1 - self.current_decay())
+            self.updates += 1
             for e, s in zip(self._ema_b, self._src_b):
                 e.copy_(s)
 
@@ -158,10 +171,10 @@ def set_rng_state(s: dict) -> None:
 
 
 def environment(rt: runtime.Runtime) -> dict:
-    def version(mod):
+    def version(dist_name):  # the installed distribution's version (ffcv's __version__ is stale)
         try:
-            return __import__(mod).__version__
-        except Exception:
+            return importlib.metadata.version(dist_name)
+        except importlib.metadata.PackageNotFoundError:
             return None
 
     try:
@@ -180,6 +193,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -192,10 +206,51 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
+
+
+METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_s", "eval_s", "images_per_s")
+
+
+def write_metrics_csv(history: list[dict], path: Path) -> None:
+    """One row per epoch: the columns of the console table, with eval seconds (accuracies as fractions)."""
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRICS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(history)
+    atomic_write(path, write)
+
+
+class TensorBoard:
+    """Scalars per epoch under RUN_DIR/tensorboard when --tensorboard is on and the package is
+    installed; otherwise a no-op (with one message saying why)."""
+
+    def __init__(self, cfg: Config, out: Path, enabled: bool, log=print):
+        self.writer = None
+        if not (cfg.tensorboard and enabled):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                "metrics.csv and record.json hold the same numbers")
+            return
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def add(self, h: dict) -> None:
+        if self.writer is not None:
+            for k in METRICS[1:]:
+                self.writer.add_scalar(k, h[k], h["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def make_train_step(model, opt, sched, ema, criterion, rt: runtime.Runtime):
@@ -243,11 +298,15 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     t_start = time.perf_counter()
     dist = Dist.from_env(cfg.device)
     log = log if dist.main else (lambda *a, **k: None)
+    if not cfg.out:  # a new runs/PRESET/DATE-TIME (resuming: the latest run), the same on every rank
+        out = latest_run() if resume else new_run_dir(cfg.preset)
+        cfg = dataclasses.replace(cfg, out=dist.broadcast_str(str(out)))
     with contextlib.ExitStack() as held:
         out = Path(cfg.out)
         if dist.main:  # before any heavy work: the folder is writable and no other run holds it
             prepare_out(out)
             held.enter_context(RunLock(out, log))
+            link_latest(out)
         stop = held.enter_context(StopRequest(log))
         return _train(cfg, resume, log, dist, out, stop, t_start)
 
@@ -260,7 +319,9 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
 
     log(f"fastres: preset {cfg.preset!r}, resolved config:")
     log("\n".join(f"  {k:<18} = {json.dumps(v)}" for k, v in cfg.to_dict().items()))
-    log("switches: " + ", ".join(f"{k}={v}" for k, v in rt.summary.items() if not k.endswith("_why")))
+    # One line of what each switch became; the reasons below it (a fallback's reason once).
+    log("switches: " + ", ".join(f"{k}={str(v).split(':')[0]}" for k, v in rt.summary.items()
+                                 if not k.endswith("_why")))
     for k, v in rt.summary.items():
         if k.endswith("_why") or (k == "fused_bn_relu" and v.startswith("off:")):
             log(f"  {k}: {v}")
@@ -313,46 +374,66 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
         else:
             log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
 
+    start_epoch = ck["epoch"] if ck is not None else 0
+
     # --- warm-up: compile and autotune on random data, then put everything back ----------------
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict()))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(), ema.updates))
     g = torch.Generator(device=rt.device).manual_seed(12345)
     x = torch.randn(rank_batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
     y = torch.randint(0, 10, (rank_batch,), generator=g, device=rt.device)
+    x_eval = torch.randn(cfg.eval_batch_size, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
     rt_sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+
+    def eval_forward():
+        with torch.no_grad(), rt.autocast():
+            eval_model.eval()
+            eval_model(x_eval)
+            if cfg.tta:
+                eval_model(x_eval.flip(3))
+
     t0 = time.perf_counter()
     model.train()
-    step(x, y)
-    rt_sync()
-    t1 = time.perf_counter()
-    step(x, y)
-    rt_sync()
-    step_s = time.perf_counter() - t1
-    with torch.no_grad(), rt.autocast():
-        eval_model.eval()
-        eval_model(torch.randn(cfg.eval_batch_size, 3, 32, 32, generator=g, device=rt.device)
-                   .to(memory_format=rt.memory_format))
+    step(x, y)  # the first call compiles and autotunes
+    eval_forward()
     batches.warmup()  # compiles the fused augmentation for this batch shape
     rt_sync()
     warmup_s = time.perf_counter() - t0
+    # For the estimate: the median of 5 timed steps (the first ones after compiling vary), and one
+    # evaluation batch.
+    step_times = []
+    for _ in range(5):
+        t1 = time.perf_counter()
+        step(x, y)
+        rt_sync()
+        step_times.append(time.perf_counter() - t1)
+    step_s = statistics.median(step_times)
+    t1 = time.perf_counter()
+    eval_forward()
+    rt_sync()
+    eval_est_s = (time.perf_counter() - t1) * len(batches.test_loader)
     model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
     ema.load_state_dict(saved[3])
+    ema.updates = saved[4]
     del saved
-    estimate_s = step_s * steps * cfg.epochs * 1.15  # +15% for evaluation
-    log(f"warm-up (compile/autotune) {warmup_s:.1f} s; one step {step_s * 1000:.0f} ms -> "
-        f"estimated training time {estimate_s / 60:.1f} min")
+    epochs_left = cfg.epochs - start_epoch
+    estimate_s = (step_s * steps + eval_est_s) * epochs_left
+    log(f"warm-up (compile/autotune) {warmup_s:.1f} s; estimated time for {epochs_left} epoch(s): "
+        f"{duration(estimate_s)} (training at a median {step_s * 1000:.0f} ms/step of 5 timed steps, "
+        f"evaluation {duration(eval_est_s)} per epoch)")
     if rt.device.type == "cpu" and estimate_s > 30 * 60:
-        log(f"NOTE: no GPU; this run will take about {estimate_s / 3600:.1f} h on this CPU. "
+        log(f"NOTE: no GPU; this run will take about {estimate_s / 3600:.1f} h on this CPU (estimate). "
             "For a run of a few minutes use --preset smoke.")
     if stop.signum:  # Ctrl-C during the warm-up: nothing of this run was written yet
         raise Interrupted("stopped before training started; nothing was written", stop.signum)
 
     # --- resume ------------------------------------------------------------------------------
-    history, start_epoch = [], 0
+    history = []
     if ck is not None:
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"]), ema.load_state_dict(ck["ema"])
+        ema.updates = ck.get("ema_updates", 0)
         set_rng_state(ck["rng"])
-        history, start_epoch = ck["history"], ck["epoch"]
+        history = ck["history"]
         log(f"resumed from {ckpt_path} after epoch {start_epoch}")
         del ck
 
@@ -378,7 +459,20 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
         save_record("interrupted")
         kept = (f"{ckpt_path} holds epoch {history[-1]['epoch']} and resumes from there" if history
                 else "no checkpoint of this run was written yet")
-        return Interrupted(f"stopped {where}; {kept}", stop.signum or signal.SIGINT)
+        e = Interrupted(f"stopped {where}; {kept}", stop.signum or signal.SIGINT)
+        e.run_dir = out
+        return e
+
+    def status(bar: Progress, epoch: int) -> str:
+        """images/s so far in this epoch; time left in it and in the run (estimates)."""
+        per_step = (time.perf_counter() - bar.t0) / max(1, bar.n)
+        eval_s = history[-1]["eval_s"] if len(history) > start_epoch else eval_est_s
+        epoch_left = per_step * (steps - bar.n)
+        run_left = epoch_left + eval_s + (cfg.epochs - epoch - 1) * (per_step * steps + eval_s)
+        return (f"{rank_batch * dist.world / per_step:,.0f} img/s, epoch ETA {duration(epoch_left)}, "
+                f"run ETA {duration(run_left)}")
+
+    tb = TensorBoard(cfg, out, dist.main, log)
 
     # A stop request is honoured between steps: every step in a single process; every 25 steps,
     # agreed over all ranks, under torchrun (so that all ranks stop at the same step).
@@ -401,8 +495,9 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
             seen = 0
             rt_sync()
             t0 = time.perf_counter()
-            bar = tqdm(batches.train_epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       leave=False, disable=None if dist.main else True, mininterval=0.5)
+            # A live bar on a terminal; in a log, a line every cfg.progress_s seconds.
+            bar = Progress(batches.train_epoch(epoch), steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress_s,
+                           status=lambda: status(bar, epoch), log=log, enabled=dist.main)
             for i, (x, y) in enumerate(bar):
                 loss, logits = step(x, y)
                 loss_sum += loss * y.numel()
@@ -431,17 +526,23 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
                  "eval_s": round(eval_s, 4), "images_per_s": round(n / train_s, 1)}
             history.append(h)
             log(ROW.format(**h))
+            if len(history) == start_epoch + 1 and epoch + 1 < cfg.epochs:  # the first epoch of this process
+                left = (cfg.epochs - epoch - 1) * (train_s + eval_s)
+                log(f"measured {train_s + eval_s:.1f} s per epoch with evaluation: about {duration(left)} left "
+                    f"(estimate, ends about {time.strftime('%H:%M', time.localtime(time.time() + left))})")
             if dist.main:
                 ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "ema": ema.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict(), "history": history,
-                      "rng": rng_state()}
+                      "ema": ema.state_dict(), "ema_updates": ema.updates, "epoch": epoch + 1,
+                      "config": cfg.to_dict(), "history": history, "rng": rng_state()}
                 # Serialized in memory first (a few MB), so that a failed write reports the OS's
                 # reason (disk full, file too large) rather than torch's zip writer's.
                 blob = io.BytesIO()
                 torch.save(ck, blob)
                 atomic_write(ckpt_path, lambda p: p.write_bytes(blob.getbuffer()))
                 save_record("running" if epoch + 1 < cfg.epochs else "finished")
+                write_metrics_csv(history, out / METRICS_CSV)
                 plot_curves(history, out / CURVES, f"resnet{cfg.depth}, preset {cfg.preset}")
+                tb.add(h)
             dist.barrier()
     except KeyboardInterrupt:  # Ctrl-C pressed twice: stop at once (a checkpoint write in flight is dropped)
         raise interrupted(f"during epoch {epoch + 1}") from None
@@ -450,6 +551,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
             save_record("output_error")
         raise
 
+    tb.close()
     if dist.main:
         save_record("finished")
         log(f"final test accuracy {history[-1]['test_acc']:.2%}; training {record['train_s_total']:.1f} s, "

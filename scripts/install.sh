@@ -31,5 +31,6 @@ PY="$VENV/bin/python"
 # torch 2.14.1 is the newest we test; >=2.4 keeps GPU images with torch 2.11 working.
 "$PY" -c 'import torch, torchvision' 2>/dev/null || \
   "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
-"$PY" -m pip install -q -e '.[test]'
+# (setuptools' "Editable installation" banner is about other projects' layouts: silenced)
+PYTHONWARNINGS="ignore:Editable installation" "$PY" -m pip install -q -e '.[test]'
 echo "fastres installed in $VENV"
