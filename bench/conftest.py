@@ -17,3 +17,44 @@ def bench_data() -> Path:
         from data_prep.cli import prepare
         prepare(None, str(d), download_dir=str(d / "downloads"), log=lambda *a: print(*a, file=sys.stderr))
     return d
+
+
+def pytest_addoption(parser):
+    parser.addoption("--accuracy-drop-fail", type=float, default=None, metavar="POINTS",
+                     help="with --benchmark-compare: fail if an `epoch` case's test accuracy fell by more than "
+                          "POINTS percentage points against the saved run (the accuracy check beside "
+                          "--benchmark-compare-fail's time check)")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Build the summary (bench/summary.py) and apply the accuracy check once all cases ran."""
+    from bench import summary
+
+    config = session.config
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None:
+        return
+    benches = [b.as_dict(include_data=False) for b in bs.benchmarks if b]
+    compared = {}
+    for mapping in (bs.compared_mapping or {}).values():
+        compared.update(mapping)
+    config._fastres_summary = summary.lines(benches, compared) if benches else []
+    points = config.getoption("accuracy_drop_fail")
+    if points is not None:
+        drops = summary.accuracy_drops(benches, compared, points) if compared else \
+            ["--accuracy-drop-fail needs --benchmark-compare (a saved run to compare with)"]
+        config._fastres_drops = drops
+        if drops:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = getattr(config, "_fastres_summary", None)
+    if lines:
+        terminalreporter.section("fastres benchmark summary")
+        for line in lines:
+            terminalreporter.write_line(line)
+    for line in getattr(config, "_fastres_drops", []):
+        terminalreporter.write_line(f"accuracy check failed: {line}", red=True)

@@ -48,7 +48,7 @@ from .rundir import (RunLock, StopRequest, atomic_write, latest_run, link_latest
 
 CHECKPOINT, RECORD, CURVES, METRICS_CSV = "last.pt", "record.json", "curves.png", "metrics.csv"
 # Settings a resumed run may change: they move files or threads around, not the arithmetic.
-RESUME_MAY_DIFFER = {"out", "data", "loader_workers", "device", "eval_batch_size"}
+RESUME_MAY_DIFFER = {"out", "data", "loader_workers", "device", "eval_batch_size", "progress_s", "tensorboard"}
 
 
 class NonFiniteLoss(Diverged):

@@ -84,5 +84,5 @@ def full_data(tmp_path_factory, cifar_dir) -> Path:
 def run_cli(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run `python -m <args>` from the repo root and capture its output."""
     e = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=REPO, env=e, capture_output=True,
-                          text=True, timeout=timeout, **kw)
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=kw.pop("cwd", REPO), env=e,
+                          capture_output=True, text=True, timeout=timeout, **kw)

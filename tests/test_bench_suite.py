@@ -31,6 +31,44 @@ def test_every_group_runs_and_reports(small_data, tmp_path):
     assert 0 <= epoch["extra_info"]["test_acc"] <= 1
     if not torch.cuda.is_available():
         assert "Triton kernels need a CUDA GPU" in r.stdout  # the kernels group says why it skipped
+    # The closing summary: a line per case, ratios to each group's baseline, epoch time and accuracy.
+    summary = r.stdout.split("fastres benchmark summary", 1)[1]
+    assert "[loader]" in summary and "[step]" in summary and "[epoch]" in summary
+    ffcv = next(b for b in by_group["loader"] if b["name"] == "test_ffcv_device_aug")
+    tv = next(b for b in by_group["loader"] if b["name"] == "test_torchvision_dataloader")
+    ratio = ffcv["extra_info"]["images_per_s"] / tv["extra_info"]["images_per_s"]
+    assert f"{ratio:5.2f}x baseline" in summary
+    assert f"test acc {epoch['extra_info']['test_acc']:.2%}" in summary
+
+
+def _bench(name, group, rate, rounds=(1.0, 1.0, 1.0), acc=None, batch=None):
+    info = {"images_per_s": rate, "batch_size": batch}
+    if acc is not None:
+        info.update(test_acc=acc, epoch_train_s=2.0)
+    return {"name": name, "fullname": f"bench/x.py::{name}", "group": group, "extra_info": info,
+            "stats": {"median": sorted(rounds)[len(rounds) // 2], "min": min(rounds), "max": max(rounds),
+                      "rounds": len(rounds)}}
+
+
+def test_summary_ratios_noise_changes_and_accuracy_check():
+    from bench.summary import accuracy_drops, lines
+
+    now = [_bench("test_train_step[eager_baseline-64]", "step", 100.0, batch=64),
+           _bench("test_train_step[fastres_default-64]", "step", 250.0, (1.0, 1.1, 2.0), batch=64),
+           _bench("test_train_step[fastres_default-512]", "step", 900.0, batch=512),
+           _bench("test_epoch", "epoch", 1000.0, acc=0.40)]
+    out = "\n".join(lines(now))
+    assert "test_train_step[fastres_default-64]" in out and " 2.50x baseline" in out
+    assert "(noisy: rounds spread 91% of the median)" in out  # (2.0 - 1.0) / 1.1
+    assert out.count("x baseline") == 1  # batch 512 has no baseline of its own here
+    assert "epoch 2.00 s, test acc 40.00%" in out
+    saved = {b["fullname"]: b for b in [_bench("test_train_step[fastres_default-64]", "step", 200.0, batch=64),
+                                        _bench("test_epoch", "epoch", 1000.0, acc=0.45)]}
+    out = "\n".join(lines(now, saved))
+    assert "img/s 200.0 -> 250.0 (+25.0%)" in out and "test acc 45.00% -> 40.00% (-5.00 points)" in out
+    assert accuracy_drops(now, saved, 6.0) == []
+    (drop,) = accuracy_drops(now, saved, 2.0)
+    assert drop.startswith("test_epoch: test accuracy 45.00% -> 40.00%")
 
 
 def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
@@ -72,3 +110,23 @@ def test_kernel_goals_table_compares_fused_with_compile():
     lines = kernel_goals(bench).splitlines()
     assert len(lines) == 3
     assert lines[2] == "| 64x16x32x32 | fwd | graph | 2.0 | 3.0 | 8.0 | 1.50x | 25% |"
+
+
+def test_accuracy_drop_against_the_saved_run_fails_the_bench(small_data, tmp_path):
+    """--accuracy-drop-fail: the epoch case is saved, its saved accuracy raised by 10 points, and the
+    comparison run fails naming the drop (exit 1); with a looser limit it passes."""
+    env = {"FASTRES_BENCH_MINIMAL": "1", "FASTRES_BENCH_DATA": str(small_data)}
+    common = ("pytest", "bench/", "-q", "-p", "no:cacheprovider", "-k", "test_epoch",
+              f"--benchmark-storage={tmp_path}")
+    r = run_cli(*common, "--benchmark-save=base", env=env)
+    assert r.returncode == 0, r.stdout[-3000:]
+    (saved,) = tmp_path.glob("*/*base.json")
+    data = json.loads(saved.read_text())
+    (case,) = data["benchmarks"]
+    case["extra_info"]["test_acc"] += 0.10
+    saved.write_text(json.dumps(data))
+    r = run_cli(*common, "--benchmark-compare=0001", "--accuracy-drop-fail", "2", env=env)
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert "accuracy check failed: test_epoch: test accuracy" in r.stdout and "allowed 2)" in r.stdout
+    r = run_cli(*common, "--benchmark-compare=0001", "--accuracy-drop-fail", "50", env=env)
+    assert r.returncode == 0 and "[change against the saved run]" in r.stdout, r.stdout[-3000:]

@@ -34,12 +34,22 @@ def test_typed_overrides():
     (["--nesterov", "maybe"], "--nesterov: expected bool"),
     (["--device", "tpu"], "--device: must be one of"),
     (["--depth", "21"], "--depth: must be 6n+2"),
-    (["--colour", "red"], "unknown setting --colour"),
+    (["--colour", "red"], "unknown setting --colour \\(see"),
     (["--lr"], "--lr needs a value"),
+    (["--lrr", "0.1"], "unknown setting --lrr; did you mean --lr\\?"),
+    (["--batchsize", "64"], "unknown setting --batchsize; did you mean --batch-size\\?"),
+    (["--no-lr"], "unknown setting --no-lr \\(see"),
 ])
 def test_rejections(args, msg):
     with pytest.raises(ConfigError, match=msg.replace("+", "\\+")):
         make_config("paper", parse_overrides(args))
+
+
+def test_no_key_turns_a_bool_off():
+    c = make_config("tuned", parse_overrides(["--no-augment", "--no-tta", "--no-decay-bn-bias"]))
+    assert c.augment is False and c.tta is False
+    assert c.no_decay_bn_bias is True  # a setting whose own name starts with no-
+    assert make_config("paper", parse_overrides(["--augment"])).augment is True
 
 
 def test_unknown_preset():

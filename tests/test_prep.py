@@ -43,7 +43,9 @@ def test_cli_converts_reruns_as_no_op_and_force_rebuilds(tmp_path, cifar_dir, ci
     images, labels = read_back(out / TEST_FILE)
     idx = np.sort(np.concatenate([np.flatnonzero(cifar["test"][1] == c)[:50] for c in range(10)]))
     assert np.array_equal(images, cifar["test"][0][idx]) and np.array_equal(labels, cifar["test"][1][idx])
-    assert "%" in r.stderr  # the progress bar
+    # Output is a pipe, as in a log: a plain progress line per file, no carriage-return redraws.
+    assert "fastres-prep: writing cifar10_test.beton: 500/500 (100%) in" in r.stdout
+    assert "\r" not in r.stdout + r.stderr
     # A rerun on up-to-date output does nothing and says so; --force rebuilds.
     before = (out / TRAIN_FILE).stat().st_mtime_ns
     r = run_cli(*args)
