@@ -2,8 +2,8 @@
 
 Phases (default `all` = train, bench, write, in one go):
   train   the preset's full run (default `paper`, 50 epochs) in runs/gpu-record/train-<preset>/;
-          run it again after an interruption and it resumes from the last finished epoch (a
-          machine lent for 10-minute commands can train in pieces)
+          run it again after an interruption and it resumes from the last finished epoch (so a
+          machine whose jobs have a time limit can train in several jobs)
   bench   the benchmark groups (default loader, step, kernels) with pytest-benchmark; each run
           replaces the results of the groups it ran in runs/gpu-record/bench.json
   write   bench/results/<date>-<gpu>.json (GPU, torch, per-epoch times, accuracy, benchmarks)
@@ -114,7 +114,7 @@ def phase_write(a, work: Path, gpu: str) -> Path:
     result = {
         "date": date, "gpu": gpu, "torch": torch.__version__, "environment": rec["environment"],
         "train": {"preset": a.preset, "config": rec["config"], "switches": rec["switches"],
-                  "wall_s": sum(walls), "sessions": len(walls), "resumed_at_epoch": rec["resumed_at_epoch"],
+                  "wall_s": sum(walls), "processes": len(walls), "resumed_at_epoch": rec["resumed_at_epoch"],
                   "warmup_s": rec["warmup_s"], "mean_epoch_train_s": rec["mean_epoch_train_s"],
                   "epoch_train_s": [e["train_s"] for e in rec["epochs"]],
                   "images_per_s": [e["images_per_s"] for e in rec["epochs"]],

@@ -13,30 +13,41 @@ settings (any of them as --key value; booleans also as a bare --key; defaults ar
 {settings}
 
 presets: {presets}
-  paper       the seed paper's ResNet-68 recipe (SGD 0.9, lr 0.01, batch 64, cosine, 50 epochs): 90.14%
-  smoke       resnet20 on a 10,000-image class-balanced slice, 3 epochs: minutes on a CPU
+  paper       the ResNet-68 recipe of "Optimizing ResNet Architecture for CIFAR-10 Classification"
+              (Chen and Ge, NYU): SGD 0.9, lr 0.01, batch 64, cosine, 50 epochs; reported 90.14%
+  smoke       resnet20 on a 10,000-image class-balanced slice, 3 epochs: about a minute on a CPU
   tuned       ResNet-68, 50 epochs, Nesterov + label smoothing + warm-up + EMA + flip TTA
   throughput  ResNet-68, 50 epochs at batch 512 with linear lr scaling, for wall time on a GPU
 
 examples:
   fastres train                                   # the paper's run (converts the data first if needed)
-  fastres train --preset smoke --out runs/smoke   # a few minutes on a CPU
+  fastres train --preset smoke                    # about a minute on a CPU, into runs/smoke/DATE-TIME
   fastres train --preset paper --lr 0.02 --epochs 30
-  fastres train --out runs/smoke --preset smoke --resume
+  fastres train --preset smoke --resume           # continue the run runs/latest points at
+  fastres compare runs/smoke/* --png smoke.png    # runs side by side
   torchrun --nproc_per_node 4 -m fastres train --preset throughput
+
+exit status: 0 done, 2 bad input or usage, 3 diverged, 4 output cannot be written, 5 run folder in
+use by another training, 130 interrupted (Ctrl-C; the last checkpoint resumes)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastres", description="Train and evaluate CIFAR-10 ResNets fast.")
+    p = argparse.ArgumentParser(prog="fastres", description="Train and evaluate CIFAR-10 ResNets fast: by default the "
+                                "ResNet-68 of 'Optimizing ResNet Architecture for CIFAR-10 Classification' "
+                                "(Chen and Ge, NYU).")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model (default: the paper preset)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train a CIFAR-10 ResNet. Prints the resolved config, a progress bar and one "
-                                   "table row per epoch; writes RUN_DIR/record.json, curves.png and last.pt.",
+                       description="Train a CIFAR-10 ResNet. Prints the resolved config, an estimate of the "
+                                   "duration, progress (a bar on a terminal, a line every --progress-s "
+                                   "seconds in a log) and one table row per epoch; writes "
+                                   "RUN_DIR/record.json, metrics.csv, curves.png and last.pt (RUN_DIR: "
+                                   "--out, else a new runs/PRESET/DATE-TIME, linked as runs/latest).",
                        epilog=TRAIN_EPILOG.format(settings=help_text(), presets=", ".join(PRESETS)))
     t.add_argument("--preset", default="paper", help="named recipe (default: paper)")
-    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR/last.pt (without --out: the run runs/latest points at)")
     e = sub.add_parser("eval", help="test accuracy of a checkpoint")
     e.add_argument("checkpoint", help="a last.pt written by 'fastres train'")
     e.add_argument("--data", default=None, help="folder with the .beton files (default: the run's)")

@@ -1,4 +1,5 @@
-"""CIFAR ResNets of depth 6n+2 (He et al. 2016, Section 4.2), as in the seed paper.
+"""CIFAR ResNets of depth 6n+2 (He et al. 2016, Section 4.2), as in "Optimizing ResNet
+Architecture for CIFAR-10 Classification" (Chen and Ge, NYU), the paper fastres reproduces.
 
 Only the model lives here. `norm` picks the BatchNorm implementation: plain PyTorch modules,
 SyncBatchNorm, or the fused Triton modules from `kernels` (same parameters, buffers and
@@ -104,7 +105,7 @@ def resnet(depth: int, widths=(16, 32, 64), num_classes: int = 10, norm=TorchNor
 
 def resnet20(**kw): return resnet(20, **kw)
 def resnet56(**kw): return resnet(56, **kw)
-def resnet68(**kw): return resnet(68, **kw)  # the seed paper's model: 1,050,202 parameters
+def resnet68(**kw): return resnet(68, **kw)  # Chen and Ge's model: 1,050,202 parameters
 def resnet110(**kw): return resnet(110, **kw)
 
 

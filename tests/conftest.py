@@ -21,12 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _find_cifar() -> Path | None:
-    """$FASTRES_CIFAR10, else ../shared/data/cifar10, else what `fastres train` downloaded."""
+    """$FASTRES_CIFAR10, else what `fastres train` downloaded into ./data/downloads."""
     from data_prep.sources import SourceError, detect
 
     env = os.environ.get("FASTRES_CIFAR10")
-    for c in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data" / "cifar10",
-                                             REPO / "data" / "downloads"]:
+    for c in ([Path(env)] if env else []) + [REPO / "data" / "downloads"]:
         try:
             detect(c)
             return c
@@ -40,7 +39,7 @@ def need_cifar() -> Path:
     if path is None:
         msg = ("real CIFAR-10 not found: set FASTRES_CIFAR10 to a folder with train.npz/test.npz or "
                "cifar-10-batches-py "
-               f"(looked at ${{FASTRES_CIFAR10}}={os.environ.get('FASTRES_CIFAR10')!r} and ../shared/data/cifar10)")
+               f"(looked at ${{FASTRES_CIFAR10}}={os.environ.get('FASTRES_CIFAR10')!r} and ./data/downloads)")
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)

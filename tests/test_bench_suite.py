@@ -90,7 +90,7 @@ def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
     (rec_path,) = out.glob("*.json")
     rec = json.loads(rec_path.read_text())
     assert rec["gpu"] and rec["torch"] == torch.__version__
-    assert rec["train"]["sessions"] == 2 and rec["train"]["resumed_at_epoch"] == 1
+    assert rec["train"]["processes"] == 2 and rec["train"]["resumed_at_epoch"] == 1
     assert len(rec["train"]["epoch_train_s"]) == 1 and 0 <= rec["train"]["final_test_acc"] <= 1
     assert rec["benchmark_groups"] == ["step"] and all(b["group"] == "step" for b in rec["benchmarks"])
     assert rec_path.with_suffix(".md").read_text().startswith("# ")

@@ -1,5 +1,6 @@
-"""scripts/device_pack.sh and scripts/device_setup.sh: CIFAR-10 cut into pieces small enough for
-the lent GPU machine's calls, joined, checked and converted there (run here on a real slice)."""
+"""scripts/offline_pack.sh and scripts/offline_setup.sh: FFCV and CIFAR-10 packed for a GPU machine
+without network, cut into pieces of a size asked for, joined, checked and converted there (run
+here on a real slice)."""
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ def packed(cifar, tmp_path):
         np.savez_compressed(src / f"{split}.npz", images=images[::step], labels=labels[::step])
     (wheels / "ffcv-1.0.2-cp311-abi3-manylinux_2_35_x86_64.whl").write_bytes(b"stand-in: ffcv is installed here")
     dev = tmp_path / "dev"
-    r = sh("device_pack.sh", FASTRES_CIFAR10=src, FFCV_WHEELS=wheels, PIECE_MB=1, DEVICE_DIR=dev)
+    r = sh("offline_pack.sh", FASTRES_CIFAR10=src, FFCV_WHEELS=wheels, PIECE_MB=1, OFFLINE_DIR=dev)
     assert r.returncode == 0, r.stderr
     return src, dev
 
@@ -49,20 +50,20 @@ def test_setup_refuses_missing_or_damaged_pieces_then_converts(packed, tmp_path)
     last = dev / f"p{n - 1}" / f"cifar10.tar.{n - 1:02d}"
     held = last.read_bytes()
     last.unlink()
-    r = sh("device_setup.sh", PYTHON=sys.executable, DEVICE_DIR=dev, DATA=data)
-    assert r.returncode == 2 and "has not arrived yet" in r.stderr and not data.exists()
+    r = sh("offline_setup.sh", PYTHON=sys.executable, OFFLINE_DIR=dev, DATA=data)
+    assert r.returncode == 2 and "is not here yet" in r.stderr and not data.exists()
     last.write_bytes(held[:-1] + bytes([held[-1] ^ 0xFF]))
-    r = sh("device_setup.sh", PYTHON=sys.executable, DEVICE_DIR=dev, DATA=data)
+    r = sh("offline_setup.sh", PYTHON=sys.executable, OFFLINE_DIR=dev, DATA=data)
     assert r.returncode == 2 and "do not match the checksum" in r.stderr and not data.exists()
     last.write_bytes(held)
-    r = sh("device_setup.sh", PYTHON=sys.executable, DEVICE_DIR=dev, DATA=data)
+    r = sh("offline_setup.sh", PYTHON=sys.executable, OFFLINE_DIR=dev, DATA=data)
     assert r.returncode == 0, r.stderr
-    assert "device_setup: ready" in r.stdout and "fastres-prep: writing" in r.stdout + r.stderr
+    assert "offline_setup: ready" in r.stdout and "fastres-prep: writing" in r.stdout + r.stderr
     # the joined pieces hold exactly the source: the same content hash as converting it directly
     from data_prep.cli import prepare
     prepare(str(src), str(tmp_path / "direct"), log=lambda *a: None)
     got = json.loads((data / "cifar10_manifest.json").read_text())
     want = json.loads((tmp_path / "direct" / "cifar10_manifest.json").read_text())
     assert got["counts"] == want["counts"] and got["content_sha256"] == want["content_sha256"]
-    r = sh("device_setup.sh", PYTHON=sys.executable, DEVICE_DIR=dev, DATA=data)  # done: nothing to redo
+    r = sh("offline_setup.sh", PYTHON=sys.executable, OFFLINE_DIR=dev, DATA=data)  # done: nothing to redo
     assert r.returncode == 0 and "fastres-prep" not in r.stdout + r.stderr
