@@ -16,7 +16,6 @@ import ctypes
 import hashlib
 import json
 import os
-import re
 import signal
 from pathlib import Path
 
@@ -24,13 +23,13 @@ import numpy as np
 
 from fastres.errors import BadInput
 from fastres.progress import Progress
+from fastres.rundir import remove_stale_temporaries
 from .sources import NUM_CLASSES, Split, balanced_indices
 
 TRAIN_FILE = "cifar10_train.beton"
 TEST_FILE = "cifar10_test.beton"
 MANIFEST_FILE = "cifar10_manifest.json"
 FORMAT_VERSION = 2  # 2: the manifest records each .beton's size and SHA-256
-_TMP = re.compile(r"^\.(cifar10_(?:train|test)\.beton|cifar10_manifest\.json)\.tmp-(\d+)$")
 
 
 class DataError(BadInput):
@@ -169,25 +168,6 @@ def is_up_to_date(out: str | os.PathLike, digest: str) -> bool:
     return True
 
 
-def remove_stale_temporaries(out: Path, log=print) -> None:
-    """Delete the temporary files of conversions into `out` whose process is no longer running."""
-    for p in out.iterdir() if out.is_dir() else ():
-        hit = _TMP.match(p.name)
-        if hit and not _pid_alive(int(hit.group(2))):
-            p.unlink(missing_ok=True)
-            log(f"fastres-prep: removed {p}, left by a conversion (pid {hit.group(2)}) that did not finish")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 _PR_SET_PDEATHSIG = 1
 _writing = False  # True while write_beton runs: only FFCV's writer processes are forked then
 
@@ -235,7 +215,7 @@ def convert(train: Split, test: Split, out: str | os.PathLike, source_desc: str,
     """Write both .beton files and the manifest into `out`; returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out, log)
+    remove_stale_temporaries(out, log, "fastres-prep")
     if num_workers < 1:
         num_workers = max(1, min(os.cpu_count() or 1, 8))
     tmp = {name: out / f".{name}.tmp-{os.getpid()}" for name in (TRAIN_FILE, TEST_FILE, MANIFEST_FILE)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -56,6 +57,28 @@ def latest_run(root: Path = RUNS) -> Path:
     if not link.exists():
         raise BadInput(f"--resume without --out: there is no {link} to resume; name the run with --out RUN_DIR")
     return link.resolve()
+
+
+_TMP = re.compile(r"^\.(.+)\.tmp-(\d+)$")  # what atomic_write writes before its rename
+
+
+def remove_stale_temporaries(folder: Path, log=print, prog: str = "fastres") -> None:
+    """Delete temporary files that a process killed mid-write left in `folder` (its pid is gone)."""
+    for p in folder.iterdir() if folder.is_dir() else ():
+        hit = _TMP.match(p.name)
+        if hit and not _pid_alive(int(hit.group(2))):
+            p.unlink(missing_ok=True)
+            log(f"{prog}: removed {p}, left by a process (pid {hit.group(2)}) that did not finish writing it")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def prepare_out(out: Path) -> None:

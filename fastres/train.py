@@ -44,7 +44,7 @@ from .errors import BadInput, Diverged, Interrupted, OutputError
 from .model import count_params, resnet
 from .progress import Progress, duration
 from .rundir import (RunLock, StopRequest, atomic_write, latest_run, link_latest, load_checkpoint, new_run_dir,
-                     prepare_out)
+                     prepare_out, remove_stale_temporaries)
 
 CHECKPOINT, RECORD, CURVES, METRICS_CSV = "last.pt", "record.json", "curves.png", "metrics.csv"
 # Settings a resumed run may change: they move files or threads around, not the arithmetic.
@@ -306,6 +306,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         if dist.main:  # before any heavy work: the folder is writable and no other run holds it
             prepare_out(out)
             held.enter_context(RunLock(out, log))
+            remove_stale_temporaries(out, log)
             link_latest(out)
         stop = held.enter_context(StopRequest(log))
         return _train(cfg, resume, log, dist, out, stop, t_start)

@@ -1,5 +1,6 @@
 """Fused Triton BN+ReLU / BN+add+ReLU against plain PyTorch (TRITON_INTERPRET=1 on CPU, see conftest)."""
 import copy
+import zlib
 
 import pytest
 import torch
@@ -61,7 +62,8 @@ def make_bn(cls, C, seed):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_matches_reference_and_torch(shape, channels_last, dtype, training, residual):
-    seed = hash((shape, channels_last, str(dtype), training, residual)) % 1000
+    # A seed fixed per case (hash() of a str changes per process with PYTHONHASHSEED).
+    seed = zlib.crc32(repr((shape, channels_last, str(dtype), training, residual)).encode()) % 1000
     x = make_input(shape, dtype, channels_last, seed)
     r = make_input(shape, dtype, channels_last, seed + 1) if residual else None
     bn = make_bn(BatchNormAddReLU2d if residual else BatchNormReLU2d, shape[1], seed)

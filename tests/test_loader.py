@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from fastres.data import Batches
+from data_prep import TRAIN_FILE
+from fastres.data import Batches, make_loader
 
 CPU = torch.device("cpu")
 
@@ -27,13 +28,29 @@ def test_order_depends_only_on_seed_and_epoch(small_data):
     assert torch.equal(xa, xb)
 
 
+def _pixels(b, x):
+    """Normalized float batch -> the uint8 NHWC images it was made from."""
+    x = x.float() * b.std[:, None, None] + b.mean[:, None, None]
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def test_drop_last_and_each_image_once(small_data):
+    """An epoch is 6 full batches of 300 distinct images of the file (200 dropped), with their own
+    labels: checked by image identity, so sampling with replacement would fail."""
     b = Batches(small_data, 300, 500, CPU, seed=0, num_workers=2, augment=False)
     assert len(b) == 2000 // 300
-    labels = epoch_labels(b, 0)
-    assert len(labels) == 6 * 300
-    # A permutation of 2,000 balanced images with 200 dropped: no class has more than 200.
-    assert np.bincount(labels, minlength=10).max() <= 200
+    got = [(_pixels(b, x), y.numpy()) for x, y in b.train_epoch(0)]
+    images = np.concatenate([g[0] for g in got])
+    labels = np.concatenate([g[1] for g in got])
+    assert images.shape == (6 * 300, 32, 32, 3)
+    src_pairs = {}  # the training file's images in file order, independently of Batches
+    for x, y in make_loader(small_data / TRAIN_FILE, 500, CPU, train=False, num_workers=2):
+        for img, lab in zip(x.numpy(), y.numpy()):
+            src_pairs[img.tobytes()] = int(lab)
+    keys = [img.tobytes() for img in images]
+    assert len(set(keys)) == len(keys)  # no image twice
+    assert all(k in src_pairs for k in keys)  # every one from the file
+    assert [src_pairs[k] for k in keys] == labels.tolist()  # with its own label
 
 
 def test_train_limit_balanced_subset(small_data):

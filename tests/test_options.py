@@ -108,3 +108,40 @@ def test_all_options_on_in_a_small_run_and_sweep(small_data, tmp_path):
     # A second sweep reads the finished runs instead of training again.
     r = run_cli("fastres", "sweep", "--preset", "tuned", "--seeds", "0", "1", "--out", tmp_path / "sw", *args)
     assert r.returncode == 0 and r.stdout.count("reading it") == 2
+
+
+def test_eval_uses_the_ema_weights_and_flip_tta(small_data, tmp_path):
+    """`fastres eval` on a checkpoint with EMA weights reports the EMA model's numbers (which
+    differ from the raw weights'), and with --tta those of the averaged mirror logits; each
+    computed here independently from the checkpoint's tensors."""
+    from fastres.data import Batches
+    from fastres.config import from_dict
+    from fastres.train import build_model
+
+    out = tmp_path / "t"
+    r = run_cli("fastres", "train", "--preset", "tuned", "--data", small_data, "--out", out, "--depth", "8",
+                "--epochs", "1", "--warmup-epochs", "0.5", "--batch-size", "100", "--loader-workers", "2",
+                "--compile-augment", "false", "--tta", "false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out / "record.json").read_text())
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["ema"] is not None and ck["ema_updates"] == rec["steps_per_epoch"]
+    cfg = from_dict({**ck["config"], "compile": "off"})
+    rt = runtime.resolve(cfg)
+    b = Batches(small_data, 100, cfg.eval_batch_size, rt.device, 0, channels_last=rt.channels_last, num_workers=2)
+
+    def score(weights, tta):
+        m = build_model(cfg, rt)
+        m.load_state_dict(weights)
+        return evaluate(m, b, rt, tta, Dist())
+
+    ema_loss, ema_acc = score(ck["ema"], False)
+    raw_loss, _ = score(ck["model"], False)
+    assert f"{ema_loss:.4f}" != f"{raw_loss:.4f}"  # the EMA is its own model, told apart in the output
+    assert rec["final_test_loss"] == pytest.approx(ema_loss, rel=1e-6)  # what training reported
+    r = run_cli("fastres", "eval", out / "last.pt", "--data", small_data)
+    assert r.returncode == 0 and f"test loss {ema_loss:.4f}, test accuracy {ema_acc:.2%}" in r.stdout, r.stdout
+    tta_loss, tta_acc = score(ck["ema"], True)
+    assert f"{tta_loss:.4f}" != f"{ema_loss:.4f}"
+    r = run_cli("fastres", "eval", out / "last.pt", "--data", small_data, "--tta")
+    assert r.returncode == 0 and f"test loss {tta_loss:.4f}, test accuracy {tta_acc:.2%} (flip TTA)" in r.stdout

@@ -1,13 +1,10 @@
-"""The trainer end to end on real data: artifacts, resume after SIGKILL, the non-finite guard."""
+"""The trainer end to end on real data: artifacts, settings a resume refuses, the non-finite guard
+(exact resume after SIGKILL: test_resume.py)."""
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import torch
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 # --compile-augment false: the compiled path is tested in test_augment.py and by the smoke test;
 # here it would only add compile time for each new batch shape.
@@ -44,47 +41,6 @@ def test_run_writes_record_curves_checkpoint(small_data, tmp_path):
     r = run_cli("fastres", "eval", out / "last.pt", "--data", small_data)
     assert r.returncode == 0, r.stderr
     assert f"{100 * rec['final_test_acc']:.2f}%" in r.stdout
-
-
-def _wait_for(pred, proc, timeout=300):
-    t0 = time.time()
-    while not pred():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout
-        time.sleep(0.05)
-
-
-def test_sigkill_and_resume_matches_uninterrupted_run(small_data, tmp_path):
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    r = run_cli(*train_cmd(small_data, ref))
-    assert r.returncode == 0, r.stderr[-3000:]
-
-    # 1) killed right after the first checkpoint appears (mid-epoch 2)
-    p = subprocess.Popen([sys.executable, "-m", *map(str, train_cmd(small_data, cut))], cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: (cut / "last.pt").exists(), p)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert torch.load(cut / "last.pt", weights_only=False)["epoch"] < 3
-    # 2) resumed, and killed again shortly after it starts training
-    p = subprocess.Popen([sys.executable, "-m", *map(str, train_cmd(small_data, cut, "--resume"))], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in p.stdout:
-        if line.startswith("resumed from"):
-            break
-    time.sleep(0.5)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    # 3) resumed to the end
-    r = run_cli(*train_cmd(small_data, cut, "--resume"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout
-
-    a, b = (json.loads((d / "record.json").read_text()) for d in (ref, cut))
-    metrics = ("lr", "train_loss", "train_acc", "test_loss", "test_acc")
-    assert [[e[k] for k in metrics] for e in a["epochs"]] == [[e[k] for k in metrics] for e in b["epochs"]]
-    ma, mb = (torch.load(d / "last.pt", weights_only=False)["model"] for d in (ref, cut))
-    assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
 def test_resume_refuses_other_settings(small_data, tmp_path):
