@@ -32,7 +32,7 @@ def evaluate_checkpoint(path, data=None, tta=False, device="auto", log=print) ->
     weights = ck["ema"] if ck.get("ema") is not None else ck["model"]
     check_weights(path, weights, model)
     model.load_state_dict(weights)
-    loss, acc = evaluate(model, batches, rt, tta, Dist())
-    log(f"{path}: epoch {ck['epoch']}, {batches.num_test} test images, "
+    loss, acc, n = evaluate(model, batches, rt, tta, Dist())
+    log(f"{path}: epoch {ck['epoch']}, {n} test images, "
         f"test loss {loss:.4f}, test accuracy {acc:.2%}" + (" (flip TTA)" if tta else ""))
     return {"test_loss": loss, "test_acc": acc, "epoch": ck["epoch"], "tta": tta}

@@ -139,8 +139,9 @@ class EMA:
 
 
 @torch.no_grad()
-def evaluate(model, batches, rt: runtime.Runtime, tta: bool, dist: Dist) -> tuple[float, float]:
-    """(mean loss, accuracy) on the test set; with tta, on the mean logits of image and mirror."""
+def evaluate(model, batches, rt: runtime.Runtime, tta: bool, dist: Dist) -> tuple[float, float, int]:
+    """(mean loss, accuracy, images evaluated) on the test set, summed over all ranks; with tta,
+    on the mean logits of image and mirror."""
     model.eval()
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
     correct = torch.zeros((), device=rt.device, dtype=torch.int64)
@@ -154,7 +155,7 @@ def evaluate(model, batches, rt: runtime.Runtime, tta: bool, dist: Dist) -> tupl
         correct += (logits.argmax(1) == y).sum()
         count += y.numel()
     dist.sum(loss_sum), dist.sum(correct), dist.sum(count)
-    return loss_sum.item() / count.item(), correct.item() / count.item()
+    return loss_sum.item() / count.item(), correct.item() / count.item(), count.item()
 
 
 def rng_state() -> dict:
@@ -519,7 +520,8 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
             seen_t = dist.sum(torch.tensor(seen, device=rt.device))
             dist.sum(loss_sum), dist.sum(correct)
             t0 = time.perf_counter()
-            test_loss, test_acc = evaluate(eval_model, batches, rt, cfg.tta, dist)
+            # num_test: the images evaluated (all ranks), not what the config or manifest says
+            test_loss, test_acc, record["num_test"] = evaluate(eval_model, batches, rt, cfg.tta, dist)
             eval_s = time.perf_counter() - t0
             n = seen_t.item()
             h = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,

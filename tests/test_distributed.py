@@ -26,15 +26,34 @@ def train_args(data, out, *extra):
             "--compile-augment", "false", *extra]
 
 
-def test_rank_shards_are_disjoint_and_cover_the_epoch(small_data, tmp_path):
+def _file_fingerprints(path):
+    """Fingerprints of every image of a .beton, read sequentially (independently of Batches)."""
+    import hashlib
+    import torch
+    from fastres.data import make_loader
+
+    fp = []
+    for x, _ in make_loader(path, 500, torch.device("cpu"), train=False, num_workers=1):
+        fp += [int.from_bytes(hashlib.sha1(img.tobytes()).digest()[:8], "little", signed=True) for img in x.numpy()]
+    return fp
+
+
+def test_rank_shards_are_disjoint_and_cover_the_epoch_and_the_test_set(small_data, tmp_path):
+    """From the images each rank's Batches delivers: training shards disjoint and together the
+    whole epoch, reshuffled per epoch; test shards disjoint and together the whole test set."""
     r = torchrun(REPO / "tests" / "dist_scripts" / "shards.py", small_data, tmp_path, 200)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
-    for e in range(2):
+    a, b = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    train = _file_fingerprints(small_data / "cifar10_train.beton")
+    test = _file_fingerprints(small_data / "cifar10_test.beton")
+    assert len(set(train)) == 2000 and len(set(test)) == 500  # the slices hold no duplicate images
+    for e in ("epoch0", "epoch1"):
         assert len(a[e]) == len(b[e]) == 1000  # 2,000 images, per-rank batch 100: nothing dropped
         assert not set(a[e]) & set(b[e])
-        assert set(a[e]) | set(b[e]) == set(range(2000))
-    assert not np.array_equal(a[0], a[1])  # reshuffled per epoch
+        assert sorted(np.concatenate([a[e], b[e]])) == sorted(train)
+    assert not np.array_equal(a["epoch0"], a["epoch1"])  # reshuffled per epoch
+    assert not set(a["test"]) & set(b["test"])
+    assert sorted(np.concatenate([a["test"], b["test"]])) == sorted(test)
 
 
 def test_ddp_gradients_equal_single_process_on_the_whole_batch(tmp_path):
@@ -50,6 +69,7 @@ def test_two_process_run_matches_single_process_and_resumes(small_data, tmp_path
     rec = json.loads((tmp_path / "ddp" / "record.json").read_text())
     assert (rec["world_size"], rec["backend"], rec["per_rank_batch"]) == (2, "gloo", 50)
     assert rec["num_train"] == 2000 and rec["steps_per_epoch"] == 20 and rec["status"] == "finished"
+    assert rec["num_test"] == 500  # counted from the images both ranks evaluated
 
     single = subprocess.run([sys.executable, *train_args(small_data, tmp_path / "one")], cwd=REPO,
                             capture_output=True, text=True, timeout=600)

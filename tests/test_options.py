@@ -64,12 +64,13 @@ def test_tta_averages_logits_of_image_and_mirror():
     m = resnet(8).eval()
     x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
     rt = runtime.resolve(make_config("paper", {"device": "cpu", "amp": "off"}))
-    loss, acc = evaluate(m, Batches1(x, y), rt, tta=True, dist=Dist())
+    loss, acc, n = evaluate(m, Batches1(x, y), rt, tta=True, dist=Dist())
+    assert n == 12
     with torch.no_grad():
         logits = (m(x) + m(torch.flip(x, dims=[3]))) / 2
     assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
     assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
-    loss_plain, _ = evaluate(m, Batches1(x, y), rt, tta=False, dist=Dist())
+    loss_plain, _, _ = evaluate(m, Batches1(x, y), rt, tta=False, dist=Dist())
     with torch.no_grad():
         assert loss_plain == pytest.approx(F.cross_entropy(m(x), y).item(), rel=1e-5)
     assert loss_plain != pytest.approx(loss)
@@ -133,7 +134,7 @@ def test_eval_uses_the_ema_weights_and_flip_tta(small_data, tmp_path):
     def score(weights, tta):
         m = build_model(cfg, rt)
         m.load_state_dict(weights)
-        return evaluate(m, b, rt, tta, Dist())
+        return evaluate(m, b, rt, tta, Dist())[:2]
 
     ema_loss, ema_acc = score(ck["ema"], False)
     raw_loss, _ = score(ck["model"], False)
