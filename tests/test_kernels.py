@@ -165,3 +165,72 @@ def test_compiles_without_graph_breaks():
     got, want = m.state_dict(), ref.state_dict()
     for k in want:  # every BN's running statistics and batch count were updated inside the graph
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# A batch-64 training layer of the first stage: M = 64*32*32 = 65,536 rows of 16 channels, so the
+# statistics come from 256 tiles of 256 rows and the finalize kernel loops 4 times over blocks of
+# 64 partials (the per-op cases above fit one tile). An odd M (batch 63) leaves a partial last tile.
+@pytest.mark.parametrize("shape", [(64, 16, 32, 32), (63, 32, 16, 16)])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_size_layer_with_many_partials(shape, channels_last, dtype):
+    seed = zlib.crc32(repr((shape, channels_last, str(dtype))).encode()) % 1000
+    x = make_input(shape, dtype, channels_last, seed)
+    r = make_input(shape, dtype, channels_last, seed + 1)
+    g = make_input(shape, dtype, channels_last, seed + 2)
+    bn = make_bn(BatchNormAddReLU2d, shape[1], seed)
+    got, ref = run(fused, x, r, bn, g), run(reference, x, r, bn, g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
+    for k in ("y", "dx", "dr"):
+        torch.testing.assert_close(got[k].float(), ref[k].float(), **tol, msg=k)
+    # dw, db sum over 65,536 rows: relative tolerance for the order of summation
+    for k in ("dw", "db"):
+        torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                                   atol=1e-3, msg=k)
+    pt = run(torch_ops, x.float(), r.float(), bn, g.float())
+    for k in ("rm", "rv"):  # running statistics from many partials, against nn.BatchNorm2d's
+        torch.testing.assert_close(got[k], pt[k], rtol=1e-5, atol=1e-5)
+
+
+def test_whole_resnet_bf16_channels_last_training_step_matches():
+    """The training path at a training-like size: ResNet-20, channels_last, batch 32 (stage-1
+    layers combine 128 partials). In fp32 the fused network's gradients match PyTorch's within
+    2%; under bf16 autocast, where PyTorch's own bf16 gradients stray tens of percent from fp32 in
+    the first layers, the fused ones may stray no more than PyTorch's (x1.5, +0.02)."""
+    torch.manual_seed(0)
+    plain = resnet(20).to(DEV, memory_format=torch.channels_last)
+    fused_model = resnet(20, norm=FusedNorm).to(DEV, memory_format=torch.channels_last)
+    fused_model.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 3, 32, 32, generator=g).to(DEV, memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (32,), generator=g).to(DEV)
+
+    def step(m, bf16):
+        m.zero_grad()
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = m(x)
+        F.cross_entropy(logits.float(), y).backward()
+        after = {k: v.clone() for k, v in m.state_dict().items()}
+        m.load_state_dict(before)  # running statistics back, for the next pass
+        return logits.float(), {n: p.grad.float().clone() for n, p in m.named_parameters()}, after
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+    l_ref, g_ref, s_ref = step(plain, False)
+    l_f32, g_f32, s_f32 = step(fused_model, False)
+    l_pb, g_pb, _ = step(plain, True)
+    l_fb, g_fb, s_fb = step(fused_model, True)
+    torch.testing.assert_close(l_f32, l_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(l_fb, l_ref, rtol=5e-2, atol=5e-2)
+    for n in g_ref:
+        assert rel(g_f32[n], g_ref[n]) < 2e-2, (n, rel(g_f32[n], g_ref[n]))
+        assert rel(g_fb[n], g_ref[n]) <= 1.5 * rel(g_pb[n], g_ref[n]) + 0.02, \
+            (n, rel(g_fb[n], g_ref[n]), rel(g_pb[n], g_ref[n]))
+    for k in s_ref:
+        if s_ref[k].is_floating_point():
+            torch.testing.assert_close(s_f32[k], s_ref[k], rtol=1e-4, atol=1e-5, msg=k)
+            torch.testing.assert_close(s_fb[k], s_ref[k], rtol=2e-2, atol=2e-2, msg=k)
+        else:
+            assert torch.equal(s_fb[k], s_ref[k]), k
