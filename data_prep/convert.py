@@ -12,11 +12,16 @@ removed by the next one.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import hashlib
 import json
+import multiprocessing
 import os
+import queue
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,15 +204,61 @@ def write_beton(split: Split, path: Path, num_workers: int, name: str = "", log=
     global _writing
     _writing = True
     # FFCV draws a tqdm bar, which in a log is one carriage-return redraw per update; Progress is
-    # the same bar on a terminal and a plain line every 5 s elsewhere.
-    bar = ffcv.writer.tqdm
-    ffcv.writer.tqdm = lambda total: Progress(total=total, desc=f"fastres-prep: writing {name or path.name}",
-                                              every_s=5.0, log=log, done_line=True)
+    # the same bar on a terminal and a plain line every 5 s elsewhere. And FFCV waits for its
+    # writer processes forever (sleep-polling a counter, then a blocking queue read): a writer
+    # that dies (disk full, file too large) would hang the conversion, so both waits also watch
+    # the writers and stop the conversion when one failed.
+    patched = {"tqdm": lambda total: Progress(total=total, desc=f"fastres-prep: writing {name or path.name}",
+                                              every_s=5.0, log=log, done_line=True),
+               "sleep": _watching(time.sleep, path), "Queue": lambda: _WatchedQueue(path)}
+    saved = {k: getattr(ffcv.writer, k) for k in patched}
+    for k, v in patched.items():
+        setattr(ffcv.writer, k, v)
     try:
         writer.from_indexed_dataset(_Indexable(split), chunksize=500)
+    except BaseException:
+        for p in multiprocessing.active_children():
+            p.kill()
+        with contextlib.suppress(Exception):  # FFCV frees its shared memory only on success
+            writer.metadata_sm.close()
+            writer.metadata_sm.unlink()
+        raise
     finally:
         _writing = False
-        ffcv.writer.tqdm = bar
+        for k, v in saved.items():
+            setattr(ffcv.writer, k, v)
+
+
+def _check_writers(path: Path) -> None:
+    """OSError if a writer process (a child of this one) has exited with an error."""
+    failed = [p.exitcode for p in list(multiprocessing.process._children) if p.exitcode not in (None, 0)]
+    if failed:
+        raise OSError(errno.EIO, f"a writer process stopped with exit status {failed[0]} (its error is "
+                                 "printed above; a full disk or a file size limit are the usual causes)", str(path))
+
+
+def _watching(sleep, path: Path):
+    def watched_sleep(s):
+        sleep(s)
+        _check_writers(path)
+    return watched_sleep
+
+
+class _WatchedQueue:
+    """A multiprocessing queue whose blocking get() gives up when a writer process failed."""
+
+    def __init__(self, path: Path):
+        self.q, self.path = multiprocessing.Queue(), path
+
+    def __getattr__(self, name):  # put, etc.: the queue's own
+        return getattr(self.q, name)
+
+    def get(self, block=True, timeout=None):
+        while True:
+            try:
+                return self.q.get(True, 0.5)
+            except queue.Empty:
+                _check_writers(self.path)
 
 
 def convert(train: Split, test: Split, out: str | os.PathLike, source_desc: str,

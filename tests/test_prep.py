@@ -160,6 +160,27 @@ def test_failed_rebuild_keeps_previous_output(tmp_path, small_data, cifar):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_rebuild_that_fails_while_writing_keeps_previous_output(tmp_path, small_data, cifar_dir):
+    """A good source whose rebuild fails in FFCV's writer processes (a file size limit: the
+    writes fail with EFBIG) stops with exit 4 instead of waiting for the dead writer forever,
+    and leaves the earlier files byte for byte, with no temporary file."""
+    import resource
+    import shutil
+    out = tmp_path / "keep"
+    shutil.copytree(small_data, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    limit = (out / "cifar10_train.beton").stat().st_size // 5
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = run_cli("data_prep", "--source", cifar_dir, "--out", out, "--limit-train", "2000", "--limit-test", "500",
+                "--force", preexec_fn=small_files, timeout=300)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "fastres-prep: error: cannot write" in r.stderr and "a writer process stopped" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_help_explains():
     r = run_cli("data_prep", "--help")
     assert r.returncode == 0
