@@ -465,6 +465,12 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
         e.run_dir = out
         return e
 
+    def diverged(what: str) -> NonFiniteLoss:
+        save_record("diverged")
+        kept = (f"the last good checkpoint {ckpt_path} (after epoch {history[-1]['epoch']}) is kept" if history
+                else "no checkpoint of this run was written")
+        return NonFiniteLoss(f"{what}; stopped: {kept}. Lower --lr or check the data.")
+
     def status(bar: Progress, epoch: int) -> str:
         """images/s so far in this epoch; time left in it and in the run (estimates)."""
         per_step = (time.perf_counter() - bar.t0) / max(1, bar.n)
@@ -508,15 +514,14 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
                 synced = (i + 1) % 25 == 0 or i + 1 == steps  # one host sync per 25 steps
                 if stop_now(synced):
                     raise interrupted(f"in epoch {epoch + 1} after step {i + 1} of {steps}")
-                if synced:
-                    if not torch.isfinite(loss_sum):
-                        save_record("diverged")
-                        kept = (f"the last good checkpoint {ckpt_path} (after epoch {history[-1]['epoch']}) "
-                                "is kept" if history else "no checkpoint of this run was written")
-                        raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, step {i + 1} "
-                                            f"(lr {lr:g}); stopped: {kept}. Lower --lr or check the data.")
+                if synced and not torch.isfinite(loss_sum):
+                    raise diverged(f"non-finite training loss at epoch {epoch + 1}, step {i + 1} (lr {lr:g})")
             rt_sync()
             train_s = time.perf_counter() - t0
+            # A finite loss can hide overflowed state (bf16 activations whose variance overflows
+            # BN's running_var to inf): no checkpoint is written of a model that is not finite.
+            if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+                raise diverged(f"non-finite weights or BN statistics after epoch {epoch + 1} (lr {lr:g})")
             seen_t = dist.sum(torch.tensor(seen, device=rt.device))
             dist.sum(loss_sum), dist.sum(correct)
             t0 = time.perf_counter()

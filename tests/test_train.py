@@ -52,15 +52,27 @@ def test_resume_refuses_other_settings(small_data, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_data, tmp_path):
+    """A run whose lr warms up to far too much (600 over 3 epochs): epoch 1 stays finite and is
+    checkpointed, epoch 2 diverges. The run stops with exit 3 and its own epoch-1 checkpoint stays."""
     out = tmp_path / "run"
-    r = run_cli(*train_cmd(small_data, out, "--epochs", "1"))
-    assert r.returncode == 0
-    good = (out / "last.pt").read_bytes()
-    r = run_cli(*train_cmd(small_data, out, "--epochs", "1", "--lr", "1e30"))
-    assert r.returncode == 3
-    assert "non-finite training loss" in r.stderr
-    assert (out / "last.pt").read_bytes() == good
-    assert json.loads((out / "record.json").read_text())["status"] == "diverged"
+    r = run_cli(*train_cmd(small_data, out, "--warmup-epochs", "3", "--lr", "600", "--amp", "off"))
+    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
+    assert "non-finite training loss at epoch 2" in r.stderr and "(after epoch 1) is kept" in r.stderr
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["status"] == "diverged" and len(rec["epochs"]) == 1
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["epoch"] == 1 and ck["history"] == rec["epochs"]
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_overflowed_bn_statistics_count_as_divergence(small_data, tmp_path):
+    """Under bf16 the same run keeps a finite loss in epoch 1 while BN running variances overflow
+    to inf: that epoch is not checkpointed either."""
+    out = tmp_path / "run"
+    r = run_cli(*train_cmd(small_data, out, "--warmup-epochs", "3", "--lr", "600", "--amp", "on"))
+    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
+    assert "non-finite weights or BN statistics after epoch 1" in r.stderr
+    assert "no checkpoint of this run was written" in r.stderr and not (out / "last.pt").exists()
 
 
 def test_missing_data_is_converted_on_demand(cifar_dir, tmp_path):
