@@ -10,7 +10,8 @@ from bench.common import CUDA, MINIMAL
 
 
 @pytest.mark.benchmark(group="epoch")
-def test_epoch(benchmark, bench_data, tmp_path):
+@pytest.mark.parametrize("placement", ["stream", "device"])
+def test_epoch(benchmark, bench_data, tmp_path, placement):
     from fastres.config import make_config
     from fastres.train import train
 
@@ -18,11 +19,12 @@ def test_epoch(benchmark, bench_data, tmp_path):
     if MINIMAL:
         over = {"depth": 8, "epochs": 1, "train_limit": 200, "test_limit": 100, "batch_size": 50}
         preset = "smoke"
-    cfg = make_config(preset, {**over, "data": str(bench_data), "out": str(tmp_path / "run")})
+    cfg = make_config(preset, {**over, "data": str(bench_data), "out": str(tmp_path / "run"),
+                               "data_placement": placement})
     rec = benchmark.pedantic(lambda: train(cfg, log=lambda *a, **k: None), rounds=1, iterations=1)
     ep = rec["epochs"]
     benchmark.extra_info.update(
-        preset=preset, overrides=over, epochs=len(ep), epoch_train_s=rec["mean_epoch_train_s"],
+        preset=preset, overrides=over, placement=placement, epochs=len(ep), epoch_train_s=rec["mean_epoch_train_s"],
         epoch_train_s_each=[e["train_s"] for e in ep], images_per_s=sum(e["images_per_s"] for e in ep) / len(ep),
         eval_s_total=rec["eval_s_total"], warmup_s=rec["warmup_s"], test_acc=rec["final_test_acc"],
         switches=rec["switches"], device_name=rec["environment"]["device_name"])

@@ -39,8 +39,10 @@ def pull(it):
 
 
 @pytest.mark.benchmark(group="loader")
-def test_ffcv_device_aug(benchmark, bench_data):
-    b = Batches(bench_data, BATCH, 1000, DEVICE, seed=0, compile_augment=True)  # as in training
+@pytest.mark.parametrize("placement", ["stream", "device"])
+def test_ffcv_device_aug(benchmark, bench_data, placement):
+    """stream: FFCV reads every batch; device: the split held on the device, batches sliced there."""
+    b = Batches(bench_data, BATCH, 1000, DEVICE, seed=0, compile_augment=True, placement=placement)  # as in training
     it = stream(b.train_epoch)
     _, warm = timed(pull, it)
     x = benchmark.pedantic(pull, args=(it,), rounds=ROUNDS, iterations=1)

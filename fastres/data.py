@@ -117,29 +117,56 @@ def augment_normalize(images, dy, dx, mirrored, mean, std, dtype: torch.dtype, c
     return normalize(crop_flip(images, dy, dx, mirrored, pad), mean, std, dtype, channels_last)
 
 
+def read_all(path, device: torch.device, limit: int | None = None, shard: tuple[int, int] = (0, 1),
+             num_workers: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image (uint8 (N, 32, 32, 3)) and label (int64 (N,)) of a .beton, in file order (with
+    `limit` and `shard` as make_loader takes them), read once through FFCV and put on `device`."""
+    xs, ys = [], []
+    for x, y in make_loader(path, 1000, torch.device("cpu"), False, limit=limit, num_workers=num_workers,
+                            shard=shard):
+        xs.append(x.clone()), ys.append(y.to(torch.int64).clone())
+    return torch.cat(xs).to(device), torch.cat(ys).to(device)
+
+
 class Batches:
-    """Training and test data for one run: FFCV loaders + on-device augmentation.
+    """Training and test data for one run: uint8 batches from the .beton files + on-device augmentation.
 
     for x, y in data.train_epoch(e): x is normalized, augmented, `dtype`, channels_last.
     for x, y in data.test():          x is normalized only.
+
+    placement "stream": FFCV's Loader reads and shuffles each epoch (its order: permutation(seed
+    + e), each rank a disjoint share). placement "device": both splits are read once into uint8
+    tensors on the training device (CIFAR-10's training set is 154 MB) and each epoch's order is
+    a permutation drawn there from (seed, epoch), each rank taking its own contiguous share, so
+    no per-batch work leaves the device. Either way the order and the augmentation are pure
+    functions of (seed, epoch), which is what makes resume exact.
     """
 
     def __init__(self, data_dir, batch_size: int, eval_batch_size: int, device: torch.device, seed: int,
                  train_limit: int | None = None, test_limit: int | None = None, dtype=torch.float32,
                  channels_last: bool = True, augment: bool = True, num_workers: int = -1,
-                 distributed: bool = False, rank: int = 0, world: int = 1, compile_augment: bool = False):
+                 distributed: bool = False, rank: int = 0, world: int = 1, compile_augment: bool = False,
+                 placement: str = "stream"):
         d = Path(data_dir)
         # Sizes, image and label counts and SHA-256 of both files against the manifest, before
         # FFCV maps them: a damaged file is one clear message, not an error from inside FFCV.
         self.manifest = verify(d)
         self.device, self.seed, self.dtype = device, seed, dtype
         self.channels_last, self.do_augment = channels_last, augment
+        self.batch_size, self.eval_batch_size, self.rank, self.world = batch_size, eval_batch_size, rank, world
+        self.placement = placement
         self.mean = torch.tensor(self.manifest["mean"], dtype=torch.float32, device=device)
         self.std = torch.tensor(self.manifest["std"], dtype=torch.float32, device=device)
-        self.train_loader = make_loader(d / TRAIN_FILE, batch_size, device, True, seed, train_limit,
-                                        num_workers, distributed)
-        self.test_loader = make_loader(d / TEST_FILE, eval_batch_size, device, False, seed, test_limit,
-                                       num_workers, distributed=False, shard=(rank, world))
+        if placement == "device":
+            self.train_x, self.train_y = read_all(d / TRAIN_FILE, device, train_limit, num_workers=num_workers)
+            self.test_x, self.test_y = read_all(d / TEST_FILE, device, test_limit, (rank, world), num_workers)
+            self.steps = len(self.train_y) // world // batch_size  # drop_last, per rank
+        else:
+            self.train_loader = make_loader(d / TRAIN_FILE, batch_size, device, True, seed, train_limit,
+                                            num_workers, distributed)
+            self.test_loader = make_loader(d / TEST_FILE, eval_batch_size, device, False, seed, test_limit,
+                                           num_workers, distributed=False, shard=(rank, world))
+            self.steps = len(self.train_loader)
         # Compiled once per batch shape (training batches all share one: drop_last).
         self.prepare = torch.compile(augment_normalize, dynamic=False) if compile_augment else augment_normalize
         # Whole-dataset counts (over all ranks), not this rank's share.
@@ -147,37 +174,62 @@ class Batches:
         self.num_test = test_limit or self.manifest["counts"]["test"]
 
     def __len__(self):
-        return len(self.train_loader)
+        return self.steps
 
-    def epoch_generator(self, epoch: int) -> torch.Generator:
-        # Augmentation randomness is a pure function of (seed, epoch), like FFCV's order, so a
-        # resumed run sees exactly the batches an uninterrupted one would.
+    @property
+    def test_batches(self) -> int:
+        """Evaluation batches on this rank."""
+        return len(self.test_loader) if self.placement == "stream" else -(-len(self.test_y) // self.eval_batch_size)
+
+    def epoch_generator(self, epoch: int, stream: int = 0) -> torch.Generator:
+        # Augmentation randomness (stream 0) and the resident order (stream 1) are pure functions
+        # of (seed, epoch), like FFCV's order, so a resumed run sees exactly the batches an
+        # uninterrupted one would.
         g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 1_000_003 + epoch)
+        g.manual_seed(self.seed * 1_000_003 + epoch + stream * 7_919_000)
         return g
 
     def warmup(self):
         """Run the (compiled) augmentation once on a dummy batch, so compilation is not timed in epoch 1."""
         if self.do_augment:
-            n = self.train_loader.batch_size
+            n = self.batch_size
             g = torch.Generator(device=self.device).manual_seed(0)
             dummy = torch.zeros(n, 32, 32, 3, dtype=torch.uint8, device=self.device)
             self.prepare(dummy, *sample_crop_flip(n, g), self.mean, self.std, self.dtype, self.channels_last)
 
+    def _train_raw(self, epoch: int):
+        """uint8 images and int64 labels of epoch `epoch`, in this rank's order."""
+        if self.placement == "stream":
+            self.train_loader.next_epoch = epoch  # FFCV's order for epoch e: permutation(seed + e)
+            for images, labels in self.train_loader:
+                yield images, _own(labels)
+            return
+        n = len(self.train_y)
+        order = torch.randperm(n, generator=self.epoch_generator(epoch, stream=1), device=self.device)
+        share = n // self.world
+        order = order[self.rank * share:(self.rank + 1) * share]
+        for s in range(self.steps):
+            idx = order[s * self.batch_size:(s + 1) * self.batch_size]
+            yield self.train_x[idx], self.train_y[idx]
+
     def train_epoch(self, epoch: int):
-        self.train_loader.next_epoch = epoch  # FFCV's order for epoch e: permutation(seed + e)
         g = self.epoch_generator(epoch)
-        for images, labels in self.train_loader:
+        for images, labels in self._train_raw(epoch):
             if self.do_augment:
                 x = self.prepare(images, *sample_crop_flip(images.shape[0], g), self.mean, self.std, self.dtype,
                                  self.channels_last)
             else:
                 x = normalize(images, self.mean, self.std, self.dtype, self.channels_last)
-            yield x, _own(labels)
+            yield x, labels
 
     def test(self):
-        for images, labels in self.test_loader:
-            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), _own(labels)
+        if self.placement == "stream":
+            batches = ((images, _own(labels)) for images, labels in self.test_loader)
+        else:
+            b = self.eval_batch_size
+            batches = ((self.test_x[i:i + b], self.test_y[i:i + b]) for i in range(0, len(self.test_y), b))
+        for images, labels in batches:
+            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), labels
 
 
 def _own(labels: torch.Tensor) -> torch.Tensor:

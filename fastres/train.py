@@ -336,7 +336,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
                       train_limit=cfg.train_limit or None, test_limit=cfg.test_limit or None,
                       channels_last=rt.channels_last, augment=cfg.augment, num_workers=cfg.loader_workers,
                       distributed=dist.world > 1, rank=dist.rank, world=dist.world,
-                      compile_augment=cfg.compile_augment)
+                      compile_augment=cfg.compile_augment, placement=cfg.data_placement)
     steps = len(batches)
     if steps == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {batches.num_train} training images")
@@ -412,7 +412,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
     t1 = time.perf_counter()
     eval_forward()
     rt_sync()
-    eval_est_s = (time.perf_counter() - t1) * len(batches.test_loader)
+    eval_est_s = (time.perf_counter() - t1) * batches.test_batches
     model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
     ema.load_state_dict(saved[3])
     ema.updates = saved[4]

@@ -19,13 +19,14 @@ def test_every_group_runs_and_reports(small_data, tmp_path):
     expected = {"loader", "step", "epoch", "kernel_host"} | ({"kernels"} if torch.cuda.is_available() else set())
     assert set(by_group) == expected, set(by_group)
     names = {b["name"] for b in by_group["loader"]}
-    assert names == {"test_ffcv_device_aug", "test_torchvision_dataloader"}
+    assert names == {"test_ffcv_device_aug[stream]", "test_ffcv_device_aug[device]", "test_torchvision_dataloader"}
     for b in by_group["loader"] + by_group["step"]:
         assert b["extra_info"]["images_per_s"] > 0
     variants = {b["extra_info"]["variant"] for b in by_group["step"]}
     assert {"eager_baseline", "fastres_default"} <= variants
     assert {b["extra_info"]["path"] for b in by_group["kernel_host"]} == {"launcher_direct", "custom_op"}
-    (epoch,) = by_group["epoch"]
+    assert {b["extra_info"]["placement"] for b in by_group["epoch"]} == {"stream", "device"}
+    epoch = by_group["epoch"][0]
     for key in ("epoch_train_s", "images_per_s", "test_acc", "warmup_s"):
         assert key in epoch["extra_info"]
     assert 0 <= epoch["extra_info"]["test_acc"] <= 1
@@ -34,11 +35,12 @@ def test_every_group_runs_and_reports(small_data, tmp_path):
     # The closing summary: a line per case, ratios to each group's baseline, epoch time and accuracy.
     summary = r.stdout.split("fastres benchmark summary", 1)[1]
     assert "[loader]" in summary and "[step]" in summary and "[epoch]" in summary
-    ffcv = next(b for b in by_group["loader"] if b["name"] == "test_ffcv_device_aug")
+    ffcv = next(b for b in by_group["loader"] if b["name"] == "test_ffcv_device_aug[stream]")
     tv = next(b for b in by_group["loader"] if b["name"] == "test_torchvision_dataloader")
     ratio = ffcv["extra_info"]["images_per_s"] / tv["extra_info"]["images_per_s"]
     assert f"{ratio:5.2f}x baseline" in summary
     assert f"test acc {epoch['extra_info']['test_acc']:.2%}" in summary
+    assert summary.count("x baseline") >= 3  # stream loader, fastres_default step, resident epoch
 
 
 def _bench(name, group, rate, rounds=(1.0, 1.0, 1.0), acc=None, batch=None):
@@ -116,17 +118,17 @@ def test_accuracy_drop_against_the_saved_run_fails_the_bench(small_data, tmp_pat
     """--accuracy-drop-fail: the epoch case is saved, its saved accuracy raised by 10 points, and the
     comparison run fails naming the drop (exit 1); with a looser limit it passes."""
     env = {"FASTRES_BENCH_MINIMAL": "1", "FASTRES_BENCH_DATA": str(small_data)}
-    common = ("pytest", "bench/", "-q", "-p", "no:cacheprovider", "-k", "test_epoch",
+    common = ("pytest", "bench/", "-q", "-p", "no:cacheprovider", "-k", "test_epoch and stream",
               f"--benchmark-storage={tmp_path}")
     r = run_cli(*common, "--benchmark-save=base", env=env)
     assert r.returncode == 0, r.stdout[-3000:]
     (saved,) = tmp_path.glob("*/*base.json")
     data = json.loads(saved.read_text())
-    (case,) = data["benchmarks"]
-    case["extra_info"]["test_acc"] += 0.10
+    for case in data["benchmarks"]:
+        case["extra_info"]["test_acc"] += 0.10
     saved.write_text(json.dumps(data))
     r = run_cli(*common, "--benchmark-compare=0001", "--accuracy-drop-fail", "2", env=env)
     assert r.returncode == 1, r.stdout[-3000:]
-    assert "accuracy check failed: test_epoch: test accuracy" in r.stdout and "allowed 2)" in r.stdout
+    assert "accuracy check failed: test_epoch[stream]: test accuracy" in r.stdout and "allowed 2)" in r.stdout
     r = run_cli(*common, "--benchmark-compare=0001", "--accuracy-drop-fail", "50", env=env)
     assert r.returncode == 0 and "[change against the saved run]" in r.stdout, r.stdout[-3000:]

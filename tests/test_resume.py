@@ -19,8 +19,9 @@ SETTINGS = {
     # label smoothing; and the compiled augmentation.
     "ema_warmup_cosine_step_compiled_augment": ["--preset", "tuned", "--warmup-epochs", "1", "--tta", "false",
                                                 "--compile-augment", "true"],
-    # The paper's schedule: CosineAnnealingLR stepped per epoch.
-    "cosine_epoch": ["--preset", "paper", "--lr", "0.05", "--compile-augment", "false"],
+    # The paper's schedule: CosineAnnealingLR stepped per epoch; data held on the device.
+    "cosine_epoch_resident_data": ["--preset", "paper", "--lr", "0.05", "--compile-augment", "false",
+                                   "--data-placement", "device"],
 }
 
 
