@@ -1,4 +1,4 @@
-"""bench/test_kernels.py only runs on a GPU, and a lent GPU's minutes are few: so its Python runs
+"""bench/test_kernels.py only runs on a GPU, where a failure costs GPU time: so its Python runs
 here, on CPU tensors (Triton interpreter), against a stand-in for the torch.cuda calls it makes
 (events, streams, graph capture, synchronize). The numbers mean nothing; what is checked is that
 every case runs its warm-up, capture and timing path and reports what gpu_record reads."""
