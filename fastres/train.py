@@ -520,7 +520,8 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
             train_s = time.perf_counter() - t0
             # A finite loss can hide overflowed state (bf16 activations whose variance overflows
             # BN's running_var to inf): no checkpoint is written of a model that is not finite.
-            if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+            state = [t for t in model.state_dict().values() if t.is_floating_point()]
+            if not torch.stack([torch.isfinite(t).all() for t in state]).all():  # one host sync
                 raise diverged(f"non-finite weights or BN statistics after epoch {epoch + 1} (lr {lr:g})")
             seen_t = dist.sum(torch.tensor(seen, device=rt.device))
             dist.sum(loss_sum), dist.sum(correct)
