@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from .errors import BadInput
-from .train import RECORD, atomic_write
+from .rundir import atomic_write
+from .train import RECORD
 
 COLUMNS = ("run", "preset", "switches", "device", "epochs", "epoch_s", "train_s", "final_acc", "best_acc")
 

@@ -103,8 +103,7 @@ class RunLock:
             try:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise OutputError(f"cannot write in the run folder {out}: {describe_os_error(e)}; "
-                                  "choose another --out") from None
+                raise _unwritable(out, e) from None
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -126,8 +125,7 @@ class RunLock:
             os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as e:
             self.release()
-            raise OutputError(f"cannot write in the run folder {out}: {describe_os_error(e)}; "
-                              "choose another --out") from None
+            raise _unwritable(out, e) from None
 
     def _read(self) -> str:
         try:
@@ -146,6 +144,10 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _unwritable(out: Path, e: OSError) -> OutputError:
+    return OutputError(f"cannot write in the run folder {out}: {describe_os_error(e)}; choose another --out")
 
 
 def atomic_write(path: Path, write) -> None:
