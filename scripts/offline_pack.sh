@@ -3,20 +3,23 @@
 # machine usually has (torch, Triton) into one folder, ./.offline/ by default (git-ignored):
 #   .offline/p0/          the FFCV wheel(s) and their pure-Python dependencies, the checksum and
 #                         piece count of the data, and the first piece of the data
-#   .offline/p1/ ... pN/  the other pieces of CIFAR-10 (train.npz + test.npz in one tar)
-# The data is cut into pieces of at most PIECE_MB so that it fits transfers with a size limit;
-# copy the pieces there in any order and by any means (scp, rsync, a USB disk), then run
-# scripts/offline_setup.sh on that machine: it installs FFCV, joins and checks the pieces and
-# converts the data.
+#   .offline/p1/ ... pN/  the other pieces of CIFAR-10
+# The data travels losslessly compressed (data_prep/pack.py: 98 MiB for all 60,000 images, where
+# the .npz files take 161 MiB) and cut so that no folder pN exceeds PIECE_MB, wheels included,
+# to fit transfers with a size limit; copy the folders there in any order and by any means (scp,
+# rsync, a USB disk), then run scripts/offline_setup.sh on that machine: it installs FFCV, joins
+# and checks the pieces, unpacks and converts the data.
 #
 # Environment: FASTRES_CIFAR10 (folder with train.npz/test.npz; required), FFCV_WHEELS (folder
 # with an ffcv-*.whl built for that machine's Python, plus the wheels FFCV needs; required),
-# PIECE_MB (default 44), OFFLINE_DIR (default .offline).
+# PIECE_MB (MiB per folder, default 56), OFFLINE_DIR (default .offline), PYTHON (default: the
+# virtual environment's, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${FASTRES_CIFAR10:-}
 WHEELS=${FFCV_WHEELS:-}
-PIECE_MB=${PIECE_MB:-44}
+PIECE_MB=${PIECE_MB:-56}
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 DEST=${OFFLINE_DIR:-.offline}
 die() { echo "offline_pack: error: $*" >&2; exit 2; }
 [ -n "$SRC" ] || die "set FASTRES_CIFAR10 to a folder with train.npz and test.npz"
@@ -28,14 +31,24 @@ tmp="$DEST.partial"  # built beside the destination and renamed at the end: neve
 rm -rf "$tmp"; trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/p0/wheels"
 cp "$WHEELS"/*.whl "$tmp/p0/wheels/"
-tar -C "$SRC" -cf "$tmp/cifar10.tar" train.npz test.npz
+"$PY" -m data_prep.pack pack "$SRC" "$tmp/packed" >/dev/null
+tar -C "$tmp/packed" -cf "$tmp/cifar10.tar" train.fpk test.fpk
+rm -rf "$tmp/packed"
 (cd "$tmp" && sha256sum cifar10.tar > p0/SHA256SUMS)
-split -b "${PIECE_MB}M" -d -a 2 "$tmp/cifar10.tar" "$tmp/piece."
-rm "$tmp/cifar10.tar"
-n=0
-for f in "$tmp"/piece.*; do
-  mkdir -p "$tmp/p$n"; mv "$f" "$tmp/p$n/cifar10.tar.${f##*.}"; n=$((n + 1))
+# Piece 0 shares its folder with the wheels, so it is smaller by their size.
+piece=$((PIECE_MB * 1024 * 1024))
+first=$((piece - $(du -sb "$tmp/p0" | cut -f1) - 4096))
+[ "$first" -gt 0 ] || die "PIECE_MB=$PIECE_MB is smaller than the wheels"
+total=$(stat -c %s "$tmp/cifar10.tar")
+n=0; off=0
+while [ "$off" -lt "$total" ]; do
+  size=$([ "$n" -eq 0 ] && echo "$first" || echo "$piece")
+  mkdir -p "$tmp/p$n"
+  dd if="$tmp/cifar10.tar" of="$(printf "%s/p%d/cifar10.tar.%02d" "$tmp" "$n" "$n")" bs=1M status=none \
+     iflag=skip_bytes,count_bytes skip="$off" count="$size"
+  off=$((off + size)); n=$((n + 1))
 done
+rm "$tmp/cifar10.tar"
 echo "$n" > "$tmp/p0/PIECES"
 rm -rf "$DEST"; mv "$tmp" "$DEST"; trap - EXIT
 du -sh "$DEST"/p*

@@ -2,7 +2,8 @@
 # Run on the GPU machine without network, in a checkout of fastres, once the folder made by
 # scripts/offline_pack.sh has been copied there (all of it, or piece by piece):
 #   1. installs FFCV and its pure-Python dependencies from .offline/p0/wheels;
-#   2. joins the CIFAR-10 pieces, checks them against the checksum and converts them to ./data.
+#   2. joins the CIFAR-10 pieces, checks them against the checksum, unpacks them (data_prep/pack.py,
+#      which checks each split's SHA-256 once decoded) and converts them to ./data.
 # Each step is skipped when already done, and a missing piece is named, so it can be run again
 # as pieces arrive. Environment: PYTHON (default python3), OFFLINE_DIR (default .offline), DATA
 # (default data).
@@ -31,6 +32,7 @@ if ! "$PY" -c "import sys; from fastres.data import has_data; sys.exit(not has_d
   (cd "$SRC" && sha256sum --quiet -c p0/SHA256SUMS) || { rm -f "$SRC/cifar10.tar"; die "the joined pieces do not match the checksum"; }
   rm -rf "$SRC/cifar10"; mkdir -p "$SRC/cifar10"
   tar -C "$SRC/cifar10" -xf "$SRC/cifar10.tar" && rm "$SRC/cifar10.tar"
+  "$PY" -m data_prep.pack unpack "$SRC/cifar10" "$SRC/cifar10"
   "$PY" -m data_prep --source "$SRC/cifar10" --out "$DATA"
 fi
 "$PY" - <<'PY'
