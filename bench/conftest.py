@@ -1,4 +1,5 @@
 """Fixtures of the benchmark suite; helpers and environment variables are in bench/common.py."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,22 @@ def pytest_addoption(parser):
                      help="with --benchmark-compare: fail if an `epoch` case's test accuracy fell by more than "
                           "POINTS percentage points against the saved run (the accuracy check beside "
                           "--benchmark-compare-fail's time check)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """With FASTRES_BENCH_JSONL set, append each case's result to that file as soon as it ran, so
+    that a run cut short (a job's time limit) keeps the cases it finished."""
+    yield
+    path = os.environ.get("FASTRES_BENCH_JSONL")
+    b = item.funcargs.get("benchmark") if path else None
+    st = getattr(getattr(b, "stats", None), "stats", None)
+    if st is None:
+        return
+    row = {"group": b.group, "name": item.name, "median_s": st.median, "min_s": st.min, "rounds": st.rounds,
+           **b.extra_info}
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
 
 
 @pytest.hookimpl(trylast=True)

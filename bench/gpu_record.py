@@ -4,8 +4,9 @@ Phases (default `all` = train, bench, write, in one go):
   train   the preset's full run (default `paper`, 50 epochs) in runs/gpu-record/train-<preset>/;
           run it again after an interruption and it resumes from the last finished epoch (so a
           machine whose jobs have a time limit can train in several jobs)
-  bench   the benchmark groups (default loader, step, kernels) with pytest-benchmark; each run
-          replaces the results of the groups it ran in runs/gpu-record/bench.json
+  bench   the benchmark groups (default loader, step, kernels, kernel_host, baseline) with
+          pytest-benchmark; each case's result is appended to runs/gpu-record/bench.jsonl as it
+          finishes (a case run again replaces its earlier result)
   write   bench/results/<date>-<gpu>.json (GPU, torch, per-epoch times, accuracy, benchmarks)
           and a short .md beside it, from the finished training run and the benchmarks
   table   print the Markdown table of all committed records, as shown in the README
@@ -21,7 +22,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,21 +31,27 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 WORK = REPO / "runs" / "gpu-record"
 GROUPS = {"loader": "bench/test_loader.py", "step": "bench/test_step.py", "kernels": "bench/test_kernels.py",
-          "kernel_host": "bench/test_kernel_host.py", "epoch": "bench/test_epoch.py"}
+          "kernel_host": "bench/test_kernel_host.py", "epoch": "bench/test_epoch.py",
+          "baseline": "bench/test_baseline.py"}
 
 
-def run_benchmarks(groups: list[str], env: dict) -> list[dict]:
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "b.json"
-        r = subprocess.run([sys.executable, "-m", "pytest", *(GROUPS[g] for g in groups), "-q", "-p",
-                            "no:cacheprovider", f"--benchmark-json={out}"], cwd=REPO, env={**os.environ, **env},
-                           stdout=sys.stderr)
-        if not out.exists():
-            raise SystemExit(f"benchmarks failed (exit {r.returncode})")
-        data = json.loads(out.read_text())
-    return [{"group": b["group"], "name": b["name"], "median_s": b["stats"]["median"],
-             "min_s": b["stats"]["min"], "rounds": b["stats"]["rounds"], **b["extra_info"]}
-            for b in data["benchmarks"]]
+def run_benchmarks(groups: list[str], env: dict, jsonl: Path, select: str | None = None) -> int:
+    """Run the groups' benchmarks; each case appends its row to `jsonl` as soon as it finished."""
+    cmd = [sys.executable, "-m", "pytest", *(GROUPS[g] for g in groups), "-q", "-p", "no:cacheprovider",
+           "--benchmark-disable-gc", "--benchmark-columns=min,median,rounds"] + (["-k", select] if select else [])
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env, "FASTRES_BENCH_JSONL": str(jsonl)},
+                       stdout=sys.stderr)
+    return r.returncode
+
+
+def read_bench(work: Path) -> list[dict]:
+    """The benchmark rows of all bench phases so far; a case run again replaces its earlier row."""
+    path = work / "bench.jsonl"
+    rows = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        rows[(r["group"], r["name"])] = r
+    return list(rows.values())
 
 
 def read_json(path: Path, missing):
@@ -94,10 +100,22 @@ def phase_train(a, rest, work: Path) -> None:
 
 def phase_bench(a, work: Path) -> None:
     env = {"FASTRES_BENCH_DATA": a.data, **({"FASTRES_BENCH_MINIMAL": "1"} if a.minimal_bench else {})}
-    rows = run_benchmarks(a.groups, env)
-    path = work / "bench.json"
-    kept = [r for r in read_json(path, []) if r["group"] not in a.groups]
-    path.write_text(json.dumps(kept + rows, indent=1, default=str))
+    code = run_benchmarks(a.groups, env, work / "bench.jsonl", a.select)
+    if code:
+        print(f"bench.gpu_record: pytest exited with {code}; the cases that finished are kept", file=sys.stderr)
+
+
+def baseline_ratio(bench: list[dict], run_epoch_s: float) -> dict | None:
+    """Epoch time of the plain-PyTorch baseline over fastres's (its default in the same benchmark
+    group, and this record's training run)."""
+    by = {b["name"]: b for b in bench if b["group"] == "baseline"}
+    base, ours = by.get("test_torchvision_style"), by.get("test_fastres_default")
+    if base is None or ours is None:
+        return None
+    return {"baseline_epoch_s": base["epoch_train_s"], "fastres_default_epoch_s": ours["epoch_train_s"],
+            "record_run_epoch_s": run_epoch_s, "ratio_default": base["epoch_train_s"] / ours["epoch_train_s"],
+            "ratio_record_run": base["epoch_train_s"] / run_epoch_s, "epochs": base["epochs"],
+            "baseline_workers": base.get("workers")}
 
 
 def phase_write(a, work: Path, gpu: str) -> Path:
@@ -108,7 +126,7 @@ def phase_write(a, work: Path, gpu: str) -> Path:
     if rec["status"] != "finished":
         raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} after "
                          f"{len(rec['epochs'])}/{rec['config']['epochs']} epochs; run `train` again to resume")
-    bench = read_json(work / "bench.json", [])
+    bench = read_bench(work)
     walls = read_json(run / "walls.json", [])
     date = datetime.date.today().isoformat()
     result = {
@@ -121,6 +139,7 @@ def phase_write(a, work: Path, gpu: str) -> Path:
                   "test_acc_per_epoch": [e["test_acc"] for e in rec["epochs"]],
                   "final_test_acc": rec["final_test_acc"], "best_test_acc": rec["best_test_acc"],
                   "train_s_total": rec["train_s_total"], "eval_s_total": rec["eval_s_total"]},
+        "baseline": baseline_ratio(bench, rec["mean_epoch_train_s"]),
         "benchmark_groups": sorted({b["group"] for b in bench}),
         "benchmarks": bench,
     }
@@ -135,6 +154,11 @@ def phase_write(a, work: Path, gpu: str) -> Path:
                 f"{b['host_us_per_fwd_bwd']:.1f} us host per fwd+bwd" if "host_us_per_fwd_bwd" in b else
                 f"{b.get('gb_per_s', 0):.0f} GB/s ({100 * b.get('fraction_of_dram', 0):.0f}% of DRAM)")
         lines.append(f"| {b['group']} | {b['name']} | {rate} | {1000 * b.get('per_call_s', b['median_s']):.3f} ms |")
+    if result["baseline"]:
+        b = result["baseline"]
+        lines += ["", f"Plain PyTorch (bench/baseline.py) {b['baseline_epoch_s']:.2f} s per epoch; fastres's default "
+                      f"{b['fastres_default_epoch_s']:.2f} s ({b['ratio_default']:.1f}x faster); this record's "
+                      f"training run {b['record_run_epoch_s']:.2f} s ({b['ratio_record_run']:.1f}x faster)."]
     lines += ["", kernel_goals(bench)] if any(b["group"] == "kernels" for b in bench) else []
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json and .md")
@@ -147,8 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("phase", nargs="?", default="all", choices=["all", "train", "bench", "write", "table"])
     p.add_argument("--preset", default="paper")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (for a quick check)")
-    p.add_argument("--groups", nargs="+", default=["loader", "step", "kernels", "kernel_host"], choices=list(GROUPS),
+    p.add_argument("--groups", nargs="+", default=["loader", "step", "kernels", "kernel_host", "baseline"], choices=list(GROUPS),
                    help="benchmark groups of the bench phase")
+    p.add_argument("--select", default=None, metavar="EXPR", help="only the cases pytest's -k EXPR selects")
     p.add_argument("--data", default=str(REPO / "data"), help=".beton folder (converted on demand)")
     p.add_argument("--work", default=str(WORK), help="where the phases keep the training run and benchmarks")
     p.add_argument("--out", default=str(RESULTS), help="where `write` puts the record")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 # Baseline case of each group: a case whose name contains the word, with the same batch size.
 BASELINES = {"step": "eager_baseline", "loader": "torchvision", "kernel_host": "custom_op", "kernels": "eager",
-             "epoch": "[stream]"}
+             "epoch": "[stream]",
+             "baseline": "torchvision"}
 NOISY = 0.25  # (max - min) / median of the rounds above which a case is flagged
 
 
@@ -38,7 +39,7 @@ def lines(benchmarks: list[dict], compared: dict[str, dict] | None = None) -> li
             if base and base[0] is not c and base[0]["rate"]:
                 text += f"  {c['rate'] / base[0]['rate']:5.2f}x baseline"
             if c["epoch_s"] is not None:
-                text += f"  epoch {c['epoch_s']:.2f} s, test acc {c['acc']:.2%}"
+                text += f"  epoch {c['epoch_s']:.2f} s" + (f", test acc {c['acc']:.2%}" if c["acc"] is not None else "")
             if c["spread"] > NOISY:
                 text += f"  (noisy: rounds spread {c['spread']:.0%} of the median)"
             out.append(text)

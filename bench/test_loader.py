@@ -5,13 +5,12 @@ normalized, as float32 batches of BATCH on the training device. A round pulls RO
 batches from an already-running stream, so worker start-up and JIT compilation are excluded
 (they are reported as warmup_s).
 """
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from bench.common import CUDA, DEVICE, MINIMAL, median_s, sync, timed
-from fastres.data import Batches, make_loader
+from bench.baseline import TorchvisionCIFAR, beton_arrays
+from fastres.data import Batches
 
 BATCH = 512
 ROUND_BATCHES = 2 if MINIMAL else 20
@@ -48,23 +47,6 @@ def test_ffcv_device_aug(benchmark, bench_data, placement):
     x = benchmark.pedantic(pull, args=(it,), rounds=ROUNDS, iterations=1)
     assert x.shape == (BATCH, 3, 32, 32) and x.dtype == torch.float32
     report(benchmark, warm)
-
-
-class TorchvisionCIFAR(torch.utils.data.Dataset):
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
-def beton_arrays(path):
-    loader = make_loader(path, 1000, torch.device("cpu"), train=False, num_workers=2)
-    xs, ys = zip(*[(x.numpy().copy(), y.numpy().copy()) for x, y in loader])
-    return np.concatenate(xs), np.concatenate(ys)
 
 
 @pytest.mark.benchmark(group="loader")

@@ -1,7 +1,9 @@
 """Group 'step': images/s of one ResNet-68 training step (forward, backward, SGD) at batch 64 and 512.
 
-eager_baseline is fp32, NCHW, no compile. fastres_default is what `--device` resolves to by
-default on this machine. Each other variant turns on one switch alone over the baseline. Inputs
+eager_baseline is fp32, NCHW, no compile. On CPU, fastres_default is what the switches resolve to
+by default and each other variant turns on one switch alone over the baseline. On CUDA the step
+modes are measured instead: eager, torch.compile's default, reduce-overhead (CUDA graphs) and
+max-autotune-no-cudagraphs, each in bf16 + channels_last, with and without the fused BN-ReLU. Inputs
 are a fixed batch already on the device, so only the step is timed. Warm-up steps (compilation,
 autotuning) are timed apart and reported as warmup_s.
 """
@@ -15,19 +17,37 @@ from fastres.train import EMA, build_model, make_criterion, make_train_step, pea
 from fastres.model import count_params
 
 BASE = {"channels_last": False, "amp": "off", "compile": "off", "fused_bn_relu": False}
+FAST = {"channels_last": True, "amp": "on"}  # bf16 autocast + channels_last, what every compiled mode uses
 VARIANTS = {
     "eager_baseline": BASE,
     "fastres_default": {},
     "channels_last": {**BASE, "channels_last": True},
     "amp_bf16": {**BASE, "amp": "on"},
     "compile": {**BASE, "compile": "default"},
+    # CUDA only: the step modes side by side, each with and without the fused BN-ReLU kernels
+    "eager_bf16_cl": {**BASE, **FAST},
+    "compile_default": {**FAST, "compile": "default"},
+    "reduce_overhead": {**FAST, "compile": "reduce-overhead"},
+    "max_autotune_no_cudagraphs": {**FAST, "compile": "max-autotune-no-cudagraphs"},
     "fused_bn_relu": {**BASE, "fused_bn_relu": True},
     "default_with_fused_bn_relu": {"fused_bn_relu": True},  # the kernels inside the compiled default
+    "eager_bf16_cl_fused": {**BASE, **FAST, "fused_bn_relu": True},
+    "compile_default_fused": {**FAST, "compile": "default", "fused_bn_relu": True},
+    "reduce_overhead_fused": {**FAST, "compile": "reduce-overhead", "fused_bn_relu": True},
+    "max_autotune_no_cudagraphs_fused": {**FAST, "compile": "max-autotune-no-cudagraphs", "fused_bn_relu": True},
 }
+CUDA_ONLY = {k for k in VARIANTS if k.startswith(("eager_bf16", "compile_", "reduce", "max_autotune"))}
+# On CUDA the single-switch variants over fp32 NCHW are left out: the step modes above cover the
+# combinations a run uses, and each compiled variant costs a compilation.
+CPU_ONLY = {"channels_last", "amp_bf16", "compile", "fastres_default", "default_with_fused_bn_relu"}
 BATCHES = [64, 512]
 
 
 def skip_reason(variant, batch):
+    if variant in CUDA_ONLY and not CUDA:
+        return "step modes with CUDA graphs, autotuning or Triton kernels are measured on CUDA only"
+    if variant in CPU_ONLY and CUDA:
+        return "on CUDA the step modes (compile_default = fastres's default there) replace this variant"
     if "fused_bn_relu" in variant and not CUDA:
         return "fused BN-ReLU runs its Triton kernels on CUDA only (the CPU path is the PyTorch fallback)"
     if variant == "compile" and not CUDA and batch != 64:
@@ -44,6 +64,7 @@ def test_train_step(benchmark, variant, batch):
     if reason:
         pytest.skip(reason)
     benchmark.group = "step"
+    torch._dynamo.reset()  # each variant compiles afresh (no recompilation limits, no dynamic batch dim)
     depth = 8 if MINIMAL else 68
     cfg = make_config("paper", {**VARIANTS[variant], "device": DEVICE.type, "batch_size": batch, "depth": depth})
     rt = runtime.resolve(cfg)

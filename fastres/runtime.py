@@ -37,6 +37,18 @@ class Runtime:
     def compile(self, model):
         return torch.compile(model, mode=self.compile_mode) if self.compile_mode else model
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Inductor replays the compiled graphs as CUDA graphs (these modes, on CUDA only)."""
+        return self.device.type == "cuda" and self.compile_mode in ("reduce-overhead", "max-autotune")
+
+    @property
+    def step_begin(self):
+        """Called at the start of each training step: tells inductor's CUDA-graph trees that the
+        previous step's outputs may be overwritten (without it they guess from the backward pass,
+        and an evaluation between two steps can confuse the guess); a no-op without CUDA graphs."""
+        return torch.compiler.cudagraph_mark_step_begin if self.cuda_graphs else (lambda: None)
+
 
 def cpu_has_bf16() -> bool:
     """Native bf16 matrix units on this CPU. With them, bf16 autocast measured 1.7x (batch 64) and

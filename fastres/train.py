@@ -183,6 +183,8 @@ def environment(rt: runtime.Runtime) -> dict:
                                 text=True, timeout=5).stdout.strip() or None
     except Exception:
         commit = None
+    # A copy of the tree without its .git (copied to an offline machine) can name its commit.
+    commit = commit or os.environ.get("FASTRES_GIT_COMMIT") or None
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
             "ffcv": version("ffcv"), "numpy": version("numpy"), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -257,7 +259,10 @@ class TensorBoard:
 def make_train_step(model, opt, sched, ema, criterion, rt: runtime.Runtime):
     """One optimizer step on a batch -> (loss, logits), both detached and left on the device."""
 
+    step_begin = rt.step_begin
+
     def step(x, y):
+        step_begin()
         with rt.autocast():
             logits = model(x)
             loss = criterion(logits, y)

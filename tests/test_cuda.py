@@ -1,0 +1,141 @@
+"""The CUDA paths, checked against the CPU or eager results they must reproduce (skipped without a
+GPU; the kernels' own CUDA checks are in test_kernels.py, which runs on the GPU when there is one).
+
+- augmentation on the device: the same pixels as on the CPU, for the same offsets and mirrors;
+- FFCV's ToDevice path (stream) and the resident path (device): the test images that reach the
+  GPU are the CPU's, bit for bit, after normalization;
+- the model: CUDA fp32 forward and gradients match the CPU's;
+- torch.compile's default and reduce-overhead (CUDA graphs) training steps follow the eager step
+  over several SGD steps (weights and losses), including an evaluation between steps;
+- a whole tiny run on CUDA with the default switches and with CUDA graphs; its checkpoint evaluates
+  to the accuracy the run recorded.
+"""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+def test_augmentation_on_cuda_matches_cpu(cifar):
+    from fastres.data import augment_normalize, crop_flip, sample_crop_flip
+
+    images = torch.from_numpy(cifar["train"][0][:512])
+    dy, dx, m = sample_crop_flip(512, torch.Generator().manual_seed(1))
+    cpu = crop_flip(images, dy, dx, m)
+    gpu = crop_flip(images.to(CUDA), dy.to(CUDA), dx.to(CUDA), m.to(CUDA))
+    assert torch.equal(gpu.cpu(), cpu)
+    mean, std = torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26])
+    want = augment_normalize(images, dy, dx, m, mean, std, torch.float32, True)
+    fused = torch.compile(augment_normalize, dynamic=False)
+    got = fused(images.to(CUDA), dy.to(CUDA), dx.to(CUDA), m.to(CUDA), mean.to(CUDA), std.to(CUDA), torch.float32, True)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["stream", "device"])
+def test_test_images_reach_the_gpu_unchanged(small_data, placement):
+    from fastres.data import Batches
+
+    def test_set(device):
+        b = Batches(small_data, 100, 250, device, seed=0, placement=placement, num_workers=2)
+        xs, ys = zip(*[(x.float().cpu(), y.cpu()) for x, y in b.test()])
+        return torch.cat(xs), torch.cat(ys)
+
+    xc, yc = test_set(torch.device("cpu"))
+    xg, yg = test_set(CUDA)
+    assert torch.equal(yg, yc) and len(yg) == 500
+    torch.testing.assert_close(xg, xc, rtol=0, atol=1e-5)
+    b = Batches(small_data, 100, 250, CUDA, seed=0, placement=placement, num_workers=2, compile_augment=True)
+    x, y = next(iter(b.train_epoch(0)))
+    assert x.device.type == "cuda" and y.device.type == "cuda" and x.shape == (100, 3, 32, 32)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_model_forward_and_backward_on_cuda_match_cpu():
+    from fastres.model import resnet
+
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        m_cpu = resnet(20)
+        m_gpu = resnet(20).to(CUDA)
+        m_gpu.load_state_dict(m_cpu.state_dict())
+        x = torch.randn(32, 3, 32, 32)
+        y = torch.randint(0, 10, (32,))
+        for m, dev in ((m_cpu, "cpu"), (m_gpu, "cuda")):
+            torch.nn.functional.cross_entropy(m(x.to(dev)), y.to(dev)).backward()
+        for (name, p), q in zip(m_cpu.named_parameters(), m_gpu.parameters()):
+            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(m_gpu(x.to(CUDA)).cpu(), m_cpu(x), rtol=1e-4, atol=1e-4)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _steps(mode: str, n: int = 6):
+    """n SGD steps of a ResNet-20 in fp32 under compile `mode` (an evaluation after step 3)."""
+    from fastres import runtime
+    from fastres.config import make_config
+    from fastres.train import EMA, build_model, make_criterion, make_train_step
+
+    torch._dynamo.reset()
+    cfg = make_config("paper", {"device": "cuda", "depth": 20, "compile": mode, "amp": "off", "batch_size": 32})
+    rt = runtime.resolve(cfg)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_model(cfg, rt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    compiled = rt.compile(model)
+    step = make_train_step(compiled, opt, sched, EMA(model, 0), make_criterion(cfg), rt)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    losses, evals = [], []
+    for i in range(n):
+        x = torch.randn(32, 3, 32, 32, device=CUDA, generator=g).to(memory_format=rt.memory_format)
+        y = torch.randint(0, 10, (32,), device=CUDA, generator=g)
+        loss, _ = step(x, y)
+        losses.append(loss.item())
+        if i == 2:
+            compiled.eval()
+            with torch.no_grad():
+                evals.append(compiled(x).float().sum().item())
+            compiled.train()
+    return losses, evals, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_steps_follow_eager(mode):
+    try:
+        ref_losses, ref_evals, ref_state = _steps("off")
+        losses, evals, state = _steps(mode)
+    finally:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-3)
+    np.testing.assert_allclose(evals, ref_evals, rtol=2e-3)
+    for k, v in ref_state.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(state[k], v, rtol=1e-2, atol=1e-3, msg=k)
+        else:
+            assert torch.equal(state[k], v), k
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_tiny_run_on_cuda_trains_and_its_checkpoint_evaluates(small_data, tmp_path, mode):
+    from conftest import run_cli
+
+    r = run_cli("fastres", "train", "--preset", "smoke", "--data", small_data, "--depth", "8", "--epochs", "2",
+                "--train-limit", "2000", "--compile", mode, "--out", tmp_path / "run", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert rec["status"] == "finished" and rec["switches"]["compile"] == mode
+    assert rec["switches"]["amp"] == "bf16" and rec["environment"]["device"].startswith("cuda")
+    assert rec["final_test_acc"] > 0.2, rec["epochs"]  # chance is 0.1
+    r = run_cli("fastres", "eval", tmp_path / "run" / "last.pt", "--device", "cuda", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # eval runs eager; the run evaluated its compiled graph: bf16 rounding may flip a few of 500
+    acc = float(re.search(r"test accuracy ([0-9.]+)%", r.stdout).group(1)) / 100
+    assert abs(acc - rec["final_test_acc"]) <= 0.01, (r.stdout, rec["final_test_acc"])
