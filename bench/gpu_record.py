@@ -59,11 +59,14 @@ def read_json(path: Path, missing):
 
 
 def table(records: list[dict]) -> str:
-    rows = ["| date | GPU | torch | preset | epoch time (s) | training + eval (s) | test acc |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| date | GPU | torch | preset | compile | epoch time (s) | training + eval (s) | test acc |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(records, key=lambda r: r["date"]):
         t = r["train"]
-        rows.append(f"| {r['date']} | {r['gpu']} | {r['torch']} | {t['preset']} | {t['mean_epoch_train_s']:.2f} | "
+        done = "" if t.get("status", "finished") == "finished" else \
+            f" ({t['status']} after {t['epochs_done']}/{t['epochs_planned']} epochs)"
+        rows.append(f"| {r['date']} | {r['gpu']} | {r['torch']} | {t['preset']}{done} | {t['switches']['compile']} | "
+                    f"{t['mean_epoch_train_s']:.2f} | "
                     f"{t['train_s_total'] + t['eval_s_total']:.0f} | {100 * t['final_test_acc']:.2f}% |")
     return "\n".join(rows)
 
@@ -123,15 +126,23 @@ def phase_write(a, work: Path, gpu: str) -> Path:
     if not (run / "record.json").exists():
         raise SystemExit(f"bench.gpu_record: error: no training run in {run}; run the `train` phase first")
     rec = json.loads((run / "record.json").read_text())
-    if rec["status"] != "finished":
+    done, planned = len(rec["epochs"]), rec["config"]["epochs"]
+    if rec["status"] != "finished" and not a.allow_unfinished:
         raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} after "
-                         f"{len(rec['epochs'])}/{rec['config']['epochs']} epochs; run `train` again to resume")
+                         f"{done}/{planned} epochs; run `train` again to resume (or write it as it is with "
+                         "--allow-unfinished)")
     bench = read_bench(work)
     walls = read_json(run / "walls.json", [])
     date = datetime.date.today().isoformat()
+    env = dict(rec["environment"])
+    if os.environ.get("FASTRES_GIT_COMMIT"):  # the tree's own commit, where its .git was stale or absent
+        env["git_commit"] = os.environ["FASTRES_GIT_COMMIT"]
+    # GPU and torch of the machine that trained (write may run elsewhere, from copied results)
+    gpu, torch_version = env.get("device_name") or gpu, env.get("torch") or torch.__version__
     result = {
-        "date": date, "gpu": gpu, "torch": torch.__version__, "environment": rec["environment"],
-        "train": {"preset": a.preset, "config": rec["config"], "switches": rec["switches"],
+        "date": date, "gpu": gpu, "torch": torch_version, "environment": env,
+        "train": {"preset": a.preset, "status": rec["status"], "epochs_done": done, "epochs_planned": planned,
+                  "config": rec["config"], "switches": rec["switches"],
                   "wall_s": sum(walls), "processes": len(walls), "resumed_at_epoch": rec["resumed_at_epoch"],
                   "warmup_s": rec["warmup_s"], "mean_epoch_train_s": rec["mean_epoch_train_s"],
                   "epoch_train_s": [e["train_s"] for e in rec["epochs"]],
@@ -147,13 +158,17 @@ def phase_write(a, work: Path, gpu: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
-    lines = [f"# {gpu}, {date}", "", f"torch {torch.__version__}; preset `{a.preset}`", "", table([result]), "",
-             "| group | benchmark | images/s or GB/s | median |", "| --- | --- | --- | --- |"]
+    lines = [f"# {gpu}, {date}", "", f"torch {torch_version}; preset `{a.preset}`; switches: " +
+             ", ".join(f"{k} {v}" for k, v in rec["switches"].items() if k in ("compile", "amp", "fused_bn_relu",
+                                                                              "channels_last")), "",
+             table([result]), "",
+             "| group | benchmark | images/s or GB/s | median per step or call |", "| --- | --- | --- | --- |"]
     for b in bench:
         rate = (f"{b['images_per_s']:.0f} img/s" if "images_per_s" in b else
                 f"{b['host_us_per_fwd_bwd']:.1f} us host per fwd+bwd" if "host_us_per_fwd_bwd" in b else
                 f"{b.get('gb_per_s', 0):.0f} GB/s ({100 * b.get('fraction_of_dram', 0):.0f}% of DRAM)")
-        lines.append(f"| {b['group']} | {b['name']} | {rate} | {1000 * b.get('per_call_s', b['median_s']):.3f} ms |")
+        per = b.get("per_call_s", b["median_s"] / b.get("steps_per_round", 1))
+        lines.append(f"| {b['group']} | {b['name']} | {rate} | {1000 * per:.3f} ms |")
     if result["baseline"]:
         b = result["baseline"]
         lines += ["", f"Plain PyTorch (bench/baseline.py) {b['baseline_epoch_s']:.2f} s per epoch; fastres's default "
@@ -177,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(REPO / "data"), help=".beton folder (converted on demand)")
     p.add_argument("--work", default=str(WORK), help="where the phases keep the training run and benchmarks")
     p.add_argument("--out", default=str(RESULTS), help="where `write` puts the record")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="write: record a training run that stopped early (interrupted, out of time), marked so")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (only to test this script)")
     p.add_argument("--minimal-bench", action="store_true", help="tiny benchmark rounds (only to test this script)")
     p.epilog = "Other --key value settings override the preset's in the train phase, as for `fastres train`."
@@ -184,7 +201,7 @@ def main(argv=None) -> int:
     if a.phase == "table":
         print(table([json.loads(f.read_text()) for f in sorted(Path(a.out).glob("*.json"))]))
         return 0
-    if not torch.cuda.is_available() and not a.allow_cpu:
+    if not torch.cuda.is_available() and not a.allow_cpu and a.phase != "write":
         print("bench.gpu_record: error: no CUDA device; this records GPU results", file=sys.stderr)
         return 2
     if rest and a.phase not in ("all", "train"):

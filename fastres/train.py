@@ -178,13 +178,14 @@ def environment(rt: runtime.Runtime) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    # FASTRES_GIT_COMMIT names the commit of a copied tree whose .git is absent or stale (a tree
+    # copied to an offline machine); otherwise git says.
+    commit = os.environ.get("FASTRES_GIT_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                          capture_output=True, text=True, timeout=5).stdout.strip() or None
     except Exception:
         commit = None
-    # A copy of the tree without its .git (copied to an offline machine) can name its commit.
-    commit = commit or os.environ.get("FASTRES_GIT_COMMIT") or None
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
             "ffcv": version("ffcv"), "numpy": version("numpy"), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
