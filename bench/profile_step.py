@@ -68,7 +68,9 @@ def profile(mode: str, batch: int, fused: bool, steps: int = STEPS, device: str 
         sync()
         wall = time.perf_counter() - t0
     events = prof.events()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    # GPU events, without the ranges that record_function annotations (Optimizer.step#SGD.step)
+    # also place on the GPU timeline: those span kernels, they are not kernels.
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     launches = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name in LAUNCHES)
     by_name: dict[str, list] = {}
     for e in kernels:

@@ -57,7 +57,8 @@ class Config:
     amp: str = "auto"                     # auto | on | off: bf16 autocast (auto = on for CUDA and for
                                           # CPUs with native bf16, AMX or AVX512-BF16)
     compile: str = "auto"                 # auto | off | default | reduce-overhead (CUDA graphs) | max-autotune
-                                          # | max-autotune-no-cudagraphs (auto = default on CUDA, off on CPU)
+                                          # | max-autotune-no-cudagraphs (auto = reduce-overhead on CUDA,
+                                          # default under torchrun, off on CPU; see fastres.runtime)
     fused_bn_relu: bool = False           # Triton BN+ReLU and BN+add+ReLU kernels (CUDA; see kernels/)
     compile_augment: bool = True          # torch.compile the batched crop+flip+normalize into one
                                           # fused kernel (2-core CPU: ~11 s once, ~1 s when cached;

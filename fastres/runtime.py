@@ -91,11 +91,17 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
                                          if cfg.amp == "auto" else "")
 
     if cfg.compile == "auto":
-        # CUDA: inductor's fused kernels pay back their compile time within the first epoch.
+        # CUDA, one process: reduce-overhead. At batch 64 the step is bound by the host launching
+        # ~1,000 small kernels; replaying them as CUDA graphs measured 2.9x the images/s of
+        # torch.compile's default on an H200 (27 vs 1,033 launches per step; GPU busy 3.9 ms of a
+        # 7.8 ms vs 33.6 ms step; bench/results/2026-11-26-nvidia-h200*.md). Several processes:
+        # default (CUDA graphs around DDP's all-reduce are not measured yet).
         # CPU: eager measured faster than compiled per step on the 2-core reference machine once
         # compile time is counted (bench/ 'step' group); so auto = off there.
-        mode = "default" if cuda else None
-        s["compile_why"] = "--compile auto: default on CUDA, off on CPU (eager measured faster there)"
+        mode = ("reduce-overhead" if world == 1 else "default") if cuda else None
+        s["compile_why"] = ("--compile auto: reduce-overhead on CUDA (CUDA graphs: 2.9x torch.compile default's "
+                            "images/s at batch 64, NVIDIA H200, bench/results/2026-11-26-nvidia-h200.md; default "
+                            "under torchrun), off on CPU (eager measured faster there)")
     else:
         mode = None if cfg.compile == "off" else cfg.compile
         s["compile_why"] = f"--compile {cfg.compile}"
@@ -117,6 +123,10 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
                                   "BN+ReLU path (TRITON_INTERPRET=1 runs them in the interpreter, for tests)")
     else:
         s["fused_bn_relu"] = "off"
+        if cuda:
+            s["fused_bn_relu_why"] = ("off by default: with CUDA graphs it measured 1.29x the images/s at batch 64 "
+                                      "(H200, bench/results/2026-11-26-nvidia-h200.md) but slower without them, and "
+                                      "no full training run with it has been recorded yet")
     if cfg.sync_bn:
         if not cuda:
             raise RuntimeError("--sync-bn: PyTorch's SyncBatchNorm runs on CUDA only; drop it on CPU")

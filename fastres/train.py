@@ -164,11 +164,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(s["torch"].cpu())
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
 
 def environment(rt: runtime.Runtime) -> dict:
@@ -369,7 +369,9 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
     ckpt_path, ck = out / CHECKPOINT, None
     if resume:
         if ckpt_path.is_file():
-            ck = load_checkpoint(ckpt_path, model, map_location=rt.device)  # BadInput if damaged or foreign
+            # Read onto the CPU: load_state_dict puts each tensor where the model's live, and the RNG
+            # states must stay CPU ByteTensors (mapped to the GPU, torch refuses to restore them).
+            ck = load_checkpoint(ckpt_path, model)  # BadInput if damaged or foreign
             try:
                 old = from_dict(ck["config"])
             except (BadInput, TypeError) as e:

@@ -46,6 +46,20 @@ def need_cifar() -> Path:
     return path
 
 
+@pytest.fixture
+def exact_convs():
+    """fp32 convolutions without TF32 and with fixed cuDNN algorithms, for tests that compare two
+    networks (or CPU and GPU) to fp32 tolerances: on a GPU, runtime.resolve() turns on TF32
+    (~10 mantissa bits) and cudnn.benchmark (which may pick Winograd or FFT algorithms per run),
+    and either alone moves a ResNet's gradients by more than 1e-3 (seen on an H200)."""
+    b = torch.backends
+    saved = (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic)
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
+    b.cudnn.deterministic = True
+    yield
+    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark, b.cudnn.deterministic = saved
+
+
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
     return need_cifar()

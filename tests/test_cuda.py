@@ -8,7 +8,8 @@ GPU; the kernels' own CUDA checks are in test_kernels.py, which runs on the GPU 
 - torch.compile's default and reduce-overhead (CUDA graphs) training steps follow the eager step
   over several SGD steps (weights and losses), including an evaluation between steps;
 - a whole tiny run on CUDA with the default switches and with CUDA graphs; its checkpoint evaluates
-  to the accuracy the run recorded.
+  to the accuracy the run recorded, and the run resumes from it (a checkpoint read onto the GPU
+  once made resuming fail: torch restores RNG states from CPU tensors only).
 """
 import json
 import re
@@ -56,24 +57,20 @@ def test_test_images_reach_the_gpu_unchanged(small_data, placement):
     assert x.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_model_forward_and_backward_on_cuda_match_cpu():
+def test_model_forward_and_backward_on_cuda_match_cpu(exact_convs):
     from fastres.model import resnet
 
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        torch.manual_seed(0)
-        m_cpu = resnet(20)
-        m_gpu = resnet(20).to(CUDA)
-        m_gpu.load_state_dict(m_cpu.state_dict())
-        x = torch.randn(32, 3, 32, 32)
-        y = torch.randint(0, 10, (32,))
-        for m, dev in ((m_cpu, "cpu"), (m_gpu, "cuda")):
-            torch.nn.functional.cross_entropy(m(x.to(dev)), y.to(dev)).backward()
-        for (name, p), q in zip(m_cpu.named_parameters(), m_gpu.parameters()):
-            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-4, msg=name)
-        torch.testing.assert_close(m_gpu(x.to(CUDA)).cpu(), m_cpu(x), rtol=1e-4, atol=1e-4)
-    finally:
-        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    m_cpu = resnet(20)
+    m_gpu = resnet(20).to(CUDA)
+    m_gpu.load_state_dict(m_cpu.state_dict())
+    x = torch.randn(32, 3, 32, 32)
+    y = torch.randint(0, 10, (32,))
+    for m, dev in ((m_cpu, "cpu"), (m_gpu, "cuda")):
+        torch.nn.functional.cross_entropy(m(x.to(dev)), y.to(dev)).backward()
+    for (name, p), q in zip(m_cpu.named_parameters(), m_gpu.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-4, msg=name)
+    torch.testing.assert_close(m_gpu(x.to(CUDA)).cpu(), m_cpu(x), rtol=1e-4, atol=1e-4)
 
 
 def _steps(mode: str, n: int = 6):
@@ -85,7 +82,8 @@ def _steps(mode: str, n: int = 6):
     torch._dynamo.reset()
     cfg = make_config("paper", {"device": "cuda", "depth": 20, "compile": mode, "amp": "off", "batch_size": 32})
     rt = runtime.resolve(cfg)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    b = torch.backends  # resolve() turned TF32 and cudnn.benchmark on: off again, to compare in fp32
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
     torch.manual_seed(0)
     model = build_model(cfg, rt)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -108,12 +106,9 @@ def _steps(mode: str, n: int = 6):
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_steps_follow_eager(mode):
-    try:
-        ref_losses, ref_evals, ref_state = _steps("off")
-        losses, evals, state = _steps(mode)
-    finally:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+def test_compiled_steps_follow_eager(mode, exact_convs):
+    ref_losses, ref_evals, ref_state = _steps("off")
+    losses, evals, state = _steps(mode)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-3)
     np.testing.assert_allclose(evals, ref_evals, rtol=2e-3)
     for k, v in ref_state.items():
@@ -124,7 +119,7 @@ def test_compiled_steps_follow_eager(mode):
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_tiny_run_on_cuda_trains_and_its_checkpoint_evaluates(small_data, tmp_path, mode):
+def test_tiny_run_on_cuda_trains_evaluates_and_resumes(small_data, tmp_path, mode):
     from conftest import run_cli
 
     r = run_cli("fastres", "train", "--preset", "smoke", "--data", small_data, "--depth", "8", "--epochs", "2",
@@ -139,3 +134,13 @@ def test_tiny_run_on_cuda_trains_and_its_checkpoint_evaluates(small_data, tmp_pa
     # eval runs eager; the run evaluated its compiled graph: bf16 rounding may flip a few of 500
     acc = float(re.search(r"test accuracy ([0-9.]+)%", r.stdout).group(1)) / 100
     assert abs(acc - rec["final_test_acc"]) <= 0.01, (r.stdout, rec["final_test_acc"])
+    # resume on CUDA: rewind the checkpoint to epoch 1 and let the run redo epoch 2 from it
+    ck = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert ck["rng"]["torch"].device.type == "cpu"
+    ck["epoch"], ck["history"] = 1, ck["history"][:1]
+    torch.save(ck, tmp_path / "run" / "last.pt")
+    r = run_cli("fastres", "train", "--preset", "smoke", "--data", small_data, "--depth", "8", "--epochs", "2",
+                "--train-limit", "2000", "--compile", mode, "--out", tmp_path / "run", "--resume", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert again["status"] == "finished" and again["resumed_at_epoch"] == 1 and len(again["epochs"]) == 2

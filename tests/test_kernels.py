@@ -122,7 +122,7 @@ def test_state_dict_keys_match_batchnorm():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_whole_resnet_forward_backward_and_sgd_step_match(channels_last):
+def test_whole_resnet_forward_backward_and_sgd_step_match(channels_last, exact_convs):
     torch.manual_seed(0)
     plain = resnet(8).to(DEV)
     fused_model = resnet(8, norm=FusedNorm).to(DEV)
@@ -148,7 +148,7 @@ def test_whole_resnet_forward_backward_and_sgd_step_match(channels_last):
         torch.testing.assert_close(s1[k], s0[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_compiles_without_graph_breaks():
+def test_compiles_without_graph_breaks(exact_convs):
     """fullgraph=True fails on any graph break. Inductor also on CPU: it lowers the custom ops
     (with their in-place running-statistics updates) as it does on a GPU, around C++ code."""
     torch.manual_seed(0)
@@ -192,7 +192,7 @@ def test_training_size_layer_with_many_partials(shape, channels_last, dtype):
         torch.testing.assert_close(got[k], pt[k], rtol=1e-5, atol=1e-5)
 
 
-def test_whole_resnet_bf16_channels_last_training_step_matches():
+def test_whole_resnet_bf16_channels_last_training_step_matches(exact_convs):
     """The training path at a training-like size: ResNet-20, channels_last, batch 32 (stage-1
     layers combine 128 partials). In fp32 the fused network's gradients match PyTorch's within
     2%; under bf16 autocast, where PyTorch's own bf16 gradients stray tens of percent from fp32 in
