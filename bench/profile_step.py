@@ -34,24 +34,25 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile(mode: str, batch: int, fused: bool, steps: int = STEPS, device: str = "cuda", depth: int = 68) -> dict:
+def profile(mode: str, batch: int, fused: bool, steps: int = STEPS, device: str = "cuda", depth: int = 68,
+            whole_step: bool = False) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from fastres import runtime
     from fastres.config import make_config
-    from fastres.train import EMA, build_model, make_criterion, make_train_step, peak_lr
+    from fastres.train import EMA, build_model, build_step, make_criterion, peak_lr
 
     torch._dynamo.reset()
     cfg = make_config("paper", {"device": device, "batch_size": batch, "compile": mode, "fused_bn_relu": fused,
-                                "depth": depth})
+                                "depth": depth, "whole_step": whole_step})
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rt = runtime.resolve(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, rt)
     opt = torch.optim.SGD(model.parameters(), lr=peak_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    step = make_train_step(rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), rt)
+    step = build_step(cfg, rt, model, rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), 1000)
     x = torch.randn(batch, 3, 32, 32, device=rt.device).to(memory_format=rt.memory_format)
     y = torch.randint(0, 10, (batch,), device=rt.device)
     t0 = time.perf_counter()
@@ -79,7 +80,7 @@ def profile(mode: str, batch: int, fused: bool, steps: int = STEPS, device: str 
         d[1] += e.time_range.elapsed_us()
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
     kernel_total = sum(v[1] for v in by_name.values())
-    return {"mode": mode, "fused_bn_relu": fused, "batch": batch, "steps": steps, "switches": rt.summary,
+    return {"mode": mode + (" + whole step" if whole_step else ""), "fused_bn_relu": fused, "batch": batch, "steps": steps, "switches": rt.summary,
             "warmup_s": warm, "wall_ms_per_step": 1e3 * wall / steps,
             "busy_ms_per_step": 1e-3 * busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / steps,
             "kernel_ms_per_step": 1e-3 * kernel_total / steps,
@@ -117,14 +118,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--compile", nargs="+", default=["default"], help="compile modes to profile, in turn")
     p.add_argument("--fused-bn-relu", action="store_true")
+    p.add_argument("--whole-step", action="store_true", help="also profile --whole-step (compile default inside)")
     p.add_argument("--out", type=Path, default=None, help="also write the Markdown summary (and a .json) here")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.profile_step: error: no CUDA device; this profiles GPU kernels", file=sys.stderr)
         return 2
     results = []
-    for mode in a.compile:
-        results.append(profile(mode, a.batch, a.fused_bn_relu))
+    runs = [(mode, False) for mode in a.compile] + ([("default", True)] if a.whole_step else [])
+    for mode, whole in runs:
+        results.append(profile(mode, a.batch, a.fused_bn_relu, whole_step=whole))
         print(f"profiled compile {mode}: {results[-1]['wall_ms_per_step']:.2f} ms/step wall, "
               f"{results[-1]['busy_ms_per_step']:.2f} GPU busy", file=sys.stderr, flush=True)
     text = markdown(results, torch.cuda.get_device_name())

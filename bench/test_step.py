@@ -3,7 +3,8 @@
 eager_baseline is fp32, NCHW, no compile. On CPU, fastres_default is what the switches resolve to
 by default and each other variant turns on one switch alone over the baseline. On CUDA the step
 modes are measured instead: eager, torch.compile's default, reduce-overhead (CUDA graphs) and
-max-autotune-no-cudagraphs, each in bf16 + channels_last, with and without the fused BN-ReLU. Inputs
+max-autotune-no-cudagraphs and the whole step as one CUDA graph (--whole-step), each in bf16 +
+channels_last, with and without the fused BN-ReLU. Inputs
 are a fixed batch already on the device, so only the step is timed. Warm-up steps (compilation,
 autotuning) are timed apart and reported as warmup_s.
 """
@@ -13,7 +14,7 @@ import torch
 from bench.common import CUDA, DEVICE, MINIMAL, median_s, sync, timed
 from fastres import runtime
 from fastres.config import make_config
-from fastres.train import EMA, build_model, make_criterion, make_train_step, peak_lr
+from fastres.train import EMA, build_model, build_step, make_criterion, peak_lr
 from fastres.model import count_params
 
 BASE = {"channels_last": False, "amp": "off", "compile": "off", "fused_bn_relu": False}
@@ -35,8 +36,11 @@ VARIANTS = {
     "compile_default_fused": {**FAST, "compile": "default", "fused_bn_relu": True},
     "reduce_overhead_fused": {**FAST, "compile": "reduce-overhead", "fused_bn_relu": True},
     "max_autotune_no_cudagraphs_fused": {**FAST, "compile": "max-autotune-no-cudagraphs", "fused_bn_relu": True},
+    # the whole step (forward, backward, SGD, EMA) as one CUDA graph, the model compiled inside it
+    "whole_step": {**FAST, "compile": "default", "whole_step": True},
+    "whole_step_fused": {**FAST, "compile": "default", "whole_step": True, "fused_bn_relu": True},
 }
-CUDA_ONLY = {k for k in VARIANTS if k.startswith(("eager_bf16", "compile_", "reduce", "max_autotune"))}
+CUDA_ONLY = {k for k in VARIANTS if k.startswith(("eager_bf16", "compile_", "reduce", "max_autotune", "whole"))}
 # On CUDA the single-switch variants over fp32 NCHW are left out: the step modes above cover the
 # combinations a run uses, and each compiled variant costs a compilation.
 CPU_ONLY = {"channels_last", "amp_bf16", "compile", "fastres_default", "default_with_fused_bn_relu"}
@@ -72,7 +76,7 @@ def test_train_step(benchmark, variant, batch):
     model = build_model(cfg, rt)
     opt = torch.optim.SGD(model.parameters(), lr=peak_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    step = make_train_step(rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), rt)
+    step = build_step(cfg, rt, model, rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), 1000)
     x = torch.randn(batch, 3, 32, 32, device=DEVICE).to(memory_format=rt.memory_format)
     y = torch.randint(0, 10, (batch,), device=DEVICE)
     # The same number of steps per round at every batch size, so that round times compare.

@@ -63,6 +63,10 @@ class Config:
     compile_augment: bool = True          # torch.compile the batched crop+flip+normalize into one
                                           # fused kernel (2-core CPU: ~11 s once, ~1 s when cached;
                                           # 1.1-1.4x the eager rate)
+    whole_step: bool = False              # capture forward, backward, SGD (lr from a device table of
+                                          # the schedule) and EMA as one CUDA graph, replayed with one
+                                          # launch per step (fastres/step.py; CPU: same arithmetic,
+                                          # uncaptured; single process only)
     sync_bn: bool = False                 # SyncBatchNorm across processes (distributed runs)
     # --- run -------------------------------------------------------------------------------
     seed: int = 0                         # model init, data order and augmentation

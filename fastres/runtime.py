@@ -24,6 +24,7 @@ class Runtime:
     compile_mode: str | None      # None = eager
     channels_last: bool
     fused_bn_relu: bool
+    whole_step: bool = False      # the whole step as one CUDA graph (fastres.step); uncaptured on CPU
     norm: object = TorchNorm
     summary: dict = field(default_factory=dict)
 
@@ -36,6 +37,13 @@ class Runtime:
 
     def compile(self, model):
         return torch.compile(model, mode=self.compile_mode) if self.compile_mode else model
+
+    def compile_in_graph(self, model):
+        """torch.compile for a model that runs inside a CUDA graph of our own (--whole-step): the
+        same mode without inductor's CUDA graphs, which cannot nest in a capture."""
+        inner = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+        mode = inner.get(self.compile_mode, self.compile_mode)
+        return torch.compile(model, mode=mode) if mode else model
 
     @property
     def cuda_graphs(self) -> bool:
@@ -136,6 +144,15 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
                 fused = False
             norm = SyncNorm
         s["sync_bn"] = "on" if world > 1 else "off (single process)"
+    whole = cfg.whole_step
+    if whole and world > 1:
+        whole = False
+        s["whole_step"] = "off: requested, but DDP's gradient all-reduce is not captured; the step runs as usual"
+    elif whole:
+        s["whole_step"] = ("one CUDA graph per step" if cuda else
+                           "uncaptured: no CUDA, so the same arithmetic runs op by op (for checking it)")
+    else:
+        s["whole_step"] = "off"
     s["channels_last"] = cfg.channels_last
     s["compile_augment"] = cfg.compile_augment
-    return Runtime(dev, amp, mode, cfg.channels_last, fused, norm, s)
+    return Runtime(dev, amp, mode, cfg.channels_last, fused, whole, norm, s)

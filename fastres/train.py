@@ -45,6 +45,7 @@ from .model import count_params, resnet
 from .progress import Progress, duration
 from .rundir import (RunLock, StopRequest, atomic_write, latest_run, link_latest, load_checkpoint, new_run_dir,
                      prepare_out, remove_stale_temporaries)
+from .step import make_whole_step
 
 CHECKPOINT, RECORD, CURVES, METRICS_CSV = "last.pt", "record.json", "curves.png", "metrics.csv"
 # Settings a resumed run may change: they move files or threads around, not the arithmetic.
@@ -274,7 +275,18 @@ def make_train_step(model, opt, sched, ema, criterion, rt: runtime.Runtime):
         ema.update()
         return loss.detach(), logits.detach()
 
+    step.after_load = lambda: None  # WholeStep's hook (fastres.step); nothing to re-sync here
     return step
+
+
+def build_step(cfg: Config, rt: runtime.Runtime, model, train_model, opt, sched, ema, criterion, steps_per_epoch: int):
+    """The training step: with --whole-step, forward, backward, SGD and EMA as one CUDA graph
+    (fastres/step.py, over `model` compiled without CUDA graphs of its own); else the usual step
+    over `train_model` (compiled or not, DDP-wrapped under torchrun)."""
+    if rt.whole_step:
+        return make_whole_step(rt.compile_in_graph(model), opt, sched, ema, criterion, rt,
+                               lr_factor(cfg, steps_per_epoch), peak_lr(cfg), cfg.epochs * steps_per_epoch)
+    return make_train_step(train_model, opt, sched, ema, criterion, rt)
 
 
 def build_model(cfg: Config, rt: runtime.Runtime) -> torch.nn.Module:
@@ -363,7 +375,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
     # buffers in lockstep); a single process without EMA reuses the training graph.
     eval_model = train_model if (cfg.ema == 0 and dist.world == 1) else rt.compile(ema.model)
 
-    step = make_train_step(train_model, opt, sched, ema, criterion, rt)
+    step = build_step(cfg, rt, model, train_model, opt, sched, ema, criterion, steps)
 
     # --- the checkpoint to resume from, checked now rather than after a long warm-up ------------
     ckpt_path, ck = out / CHECKPOINT, None
@@ -424,6 +436,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
     model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
     ema.load_state_dict(saved[3])
     ema.updates = saved[4]
+    step.after_load()
     del saved
     epochs_left = cfg.epochs - start_epoch
     estimate_s = (step_s * steps + eval_est_s) * epochs_left
@@ -442,6 +455,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"]), ema.load_state_dict(ck["ema"])
         ema.updates = ck.get("ema_updates", 0)
+        step.after_load()
         set_rng_state(ck["rng"])
         history = ck["history"]
         log(f"resumed from {ckpt_path} after epoch {start_epoch}")

@@ -11,6 +11,7 @@ GPU; the kernels' own CUDA checks are in test_kernels.py, which runs on the GPU 
   to the accuracy the run recorded, and the run resumes from it (a checkpoint read onto the GPU
   once made resuming fail: torch restores RNG states from CPU tensors only).
 """
+import copy
 import json
 import re
 
@@ -118,16 +119,18 @@ def test_compiled_steps_follow_eager(mode, exact_convs):
             assert torch.equal(state[k], v), k
 
 
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_tiny_run_on_cuda_trains_evaluates_and_resumes(small_data, tmp_path, mode):
+@pytest.mark.parametrize("mode,whole", [("default", False), ("reduce-overhead", False), ("reduce-overhead", True)])
+def test_tiny_run_on_cuda_trains_evaluates_and_resumes(small_data, tmp_path, mode, whole):
     from conftest import run_cli
 
+    extra = ["--whole-step"] if whole else []
     r = run_cli("fastres", "train", "--preset", "smoke", "--data", small_data, "--depth", "8", "--epochs", "2",
-                "--train-limit", "2000", "--compile", mode, "--out", tmp_path / "run", timeout=600)
+                "--train-limit", "2000", "--compile", mode, "--out", tmp_path / "run", *extra, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((tmp_path / "run" / "record.json").read_text())
     assert rec["status"] == "finished" and rec["switches"]["compile"] == mode
     assert rec["switches"]["amp"] == "bf16" and rec["environment"]["device"].startswith("cuda")
+    assert rec["switches"]["whole_step"] == ("one CUDA graph per step" if whole else "off")
     assert rec["final_test_acc"] > 0.2, rec["epochs"]  # chance is 0.1
     r = run_cli("fastres", "eval", tmp_path / "run" / "last.pt", "--device", "cuda", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -140,7 +143,58 @@ def test_tiny_run_on_cuda_trains_evaluates_and_resumes(small_data, tmp_path, mod
     ck["epoch"], ck["history"] = 1, ck["history"][:1]
     torch.save(ck, tmp_path / "run" / "last.pt")
     r = run_cli("fastres", "train", "--preset", "smoke", "--data", small_data, "--depth", "8", "--epochs", "2",
-                "--train-limit", "2000", "--compile", mode, "--out", tmp_path / "run", "--resume", timeout=600)
+                "--train-limit", "2000", "--compile", mode, "--out", tmp_path / "run", *extra, "--resume", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((tmp_path / "run" / "record.json").read_text())
     assert again["status"] == "finished" and again["resumed_at_epoch"] == 1 and len(again["epochs"]) == 2
+
+
+def test_whole_step_graph_replays_the_uncaptured_step(exact_convs):
+    """--whole-step: the captured graph (replayed) against the same arithmetic run op by op
+    (test_whole_step.py checks that arithmetic against torch.optim.SGD on the CPU)."""
+    from fastres import runtime
+    from fastres.config import make_config
+    from fastres.step import WholeStep
+    from fastres.train import EMA, build_model, lr_factor, make_criterion, param_groups, peak_lr
+
+    results = []
+    for capture in (False, True):
+        torch._dynamo.reset()
+        cfg = make_config("tuned", {"device": "cuda", "depth": 20, "amp": "off", "batch_size": 32, "epochs": 2,
+                                    "whole_step": True})
+        rt = runtime.resolve(cfg)
+        b = torch.backends
+        b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
+        torch.manual_seed(0)
+        model = build_model(cfg, rt)
+        opt = torch.optim.SGD(param_groups(model, cfg), lr=peak_lr(cfg), momentum=cfg.momentum,
+                              nesterov=cfg.nesterov)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, 5))
+        ema = EMA(model, cfg.ema)
+        f = lr_factor(cfg, 5)
+        step = WholeStep(model, opt, sched, ema, make_criterion(cfg), rt, [peak_lr(cfg) * f(s) for s in range(11)],
+                         capture=capture)
+        g = torch.Generator(device=CUDA).manual_seed(0)
+        # as training's warm-up does: a first call (which captures), then the state put back
+        saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict()))
+        step(torch.randn(32, 3, 32, 32, device=CUDA).to(memory_format=rt.memory_format),
+             torch.zeros(32, dtype=torch.int64, device=CUDA))
+        model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
+        ema.load_state_dict(saved[3])
+        ema.updates = 0
+        step.after_load()
+        losses = []
+        for _ in range(6):
+            x = torch.randn(32, 3, 32, 32, device=CUDA, generator=g).to(memory_format=rt.memory_format)
+            y = torch.randint(0, 10, (32,), device=CUDA, generator=g)
+            loss, _ = step(x, y)
+            losses.append(loss.item())
+        results.append((losses, {k: v.clone() for k, v in model.state_dict().items()},
+                        {k: v.clone() for k, v in ema.state_dict().items()}, step.graph is not None))
+    (l0, s0, e0, captured0), (l1, s1, e1, captured1) = results
+    assert not captured0 and captured1
+    np.testing.assert_allclose(l1, l0, rtol=1e-4)
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in e0:
+        torch.testing.assert_close(e1[k], e0[k], rtol=1e-4, atol=1e-5, msg=k)

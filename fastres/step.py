@@ -1,0 +1,139 @@
+"""The whole training step as one CUDA graph (`--whole-step`).
+
+At batch 64 a ResNet-68 step is ~1,080 small kernels. Launching them one by one from Python
+keeps the GPU busy 12% of the time (torch.compile default); `reduce-overhead` replays the
+forward and backward as CUDA graphs (50%), but the SGD update, the learning-rate schedule and the
+EMA still run from the host between replays (bench/results/2026-11-26-nvidia-h200-profile.md).
+WholeStep captures everything a step does into one graph, replayed with one launch:
+
+  forward + loss (bf16 autocast)   the model, compiled without CUDA graphs of its own
+  backward                         gradients land in tensors the graph owns
+  SGD                              weight decay, momentum (heavy ball or Nesterov) and the update,
+                                   as foreach ops; the lr is read from a device table of the
+                                   run's whole schedule at a step counter the graph advances, so
+                                   a per-step schedule needs no recapture
+  EMA                              decay min(d, (1+n)/(10+n)) from a device update counter
+
+Host work per step: copying the batch into the graph's input tensors, one replay, and the
+schedule's and EMA's host counters (Python integers, for checkpoints and the console table).
+
+The same arithmetic runs uncaptured on a CPU (or with capture off), which is how the tests check
+it against torch.optim.SGD + LambdaLR + fastres.train.EMA. torch's own SGD cannot be captured
+with a schedule: with an lr tensor it reads the value back to the host (alpha=-lr).
+
+Checkpoints are unchanged: the momentum buffers the graph updates are the optimizer's own
+state tensors, and `after_load()` copies loaded state back into them (a load replaces tensors).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class WholeStep:
+    """step(x, y) -> (loss, logits): the step's outputs, valid until the next call (graph-owned)."""
+
+    def __init__(self, model, opt: torch.optim.SGD, sched, ema, criterion, rt, lr_table: list[float],
+                 capture: bool):
+        self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
+        dev = rt.device
+        self.capture = capture and dev.type == "cuda"
+        self.lrs = torch.tensor(lr_table, dtype=torch.float32, device=dev)  # lr at optimizer step s
+        self.step_t = torch.zeros((), dtype=torch.int64, device=dev)  # optimizer steps taken
+        self.ema_n = torch.zeros((), dtype=torch.float32, device=dev)  # EMA updates made
+        self.ema_decay = torch.tensor(float(ema.decay), device=dev)  # no host-to-device copy in the graph
+        self.groups = []
+        for g in opt.param_groups:
+            if g.get("dampening", 0) != 0:
+                raise ValueError("WholeStep implements SGD without dampening (as fastres configures it)")
+            params = [p for p in g["params"] if p.requires_grad]
+            bufs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+            self.groups.append({"params": params, "bufs": bufs, "wd": g["weight_decay"], "mom": g["momentum"],
+                                "nesterov": g["nesterov"]})
+        self.graph, self.static = None, None
+        self.after_load()
+
+    # --- the step's arithmetic, captured or not --------------------------------------------------
+    def _body(self, x, y):
+        with torch.autocast(self.rt.device.type, dtype=torch.bfloat16, enabled=self.rt.amp, cache_enabled=False):
+            logits = self.model(x)
+            loss = self.criterion(logits, y)
+        loss.backward()
+        with torch.no_grad():
+            # index_select, not lrs[t]: indexing with a tensor may read it back to the host
+            lr = self.lrs.index_select(0, self.step_t.clamp(max=len(self.lrs) - 1).view(1)).squeeze()
+            for g in self.groups:
+                params = g["params"]
+                grads = [p.grad for p in params]
+                d_p = torch._foreach_add(grads, params, alpha=g["wd"]) if g["wd"] else list(grads)
+                if g["mom"]:
+                    torch._foreach_mul_(g["bufs"], g["mom"])
+                    torch._foreach_add_(g["bufs"], d_p)
+                    d_p = torch._foreach_add(d_p, g["bufs"], alpha=g["mom"]) if g["nesterov"] else g["bufs"]
+                torch._foreach_add_(params, torch._foreach_mul(d_p, -lr))
+            self.step_t += 1
+            if self.ema.decay > 0:
+                n = self.ema_n
+                w = 1 - torch.minimum((1 + n) / (10 + n), self.ema_decay)
+                diff = torch._foreach_sub(self.ema._src_p, self.ema._ema_p)
+                torch._foreach_mul_(diff, w)
+                torch._foreach_add_(self.ema._ema_p, diff)
+                torch._foreach_copy_(self.ema._ema_b, self.ema._src_b)
+                self.ema_n += 1
+        return loss.detach(), logits.detach()
+
+    def _capture(self, x, y):
+        """Warm up on a side stream (compilation, cuDNN's choices, lazy allocations), then capture.
+        The warm-up steps change the weights: callers restore their state afterwards (as the
+        training loop's warm-up does) and call after_load()."""
+        self.static = (x.clone(), y.clone())
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self.opt.zero_grad(set_to_none=True)
+                self._body(*self.static)
+        torch.cuda.current_stream().wait_stream(s)
+        self.opt.zero_grad(set_to_none=True)  # the graph's backward allocates (and then owns) the grads
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._body(*self.static)
+
+    def __call__(self, x, y):
+        if not self.capture:
+            self.opt.zero_grad(set_to_none=True)
+            out = self._body(x, y)
+        else:
+            if self.graph is None:
+                self._capture(x, y)
+            self.static[0].copy_(x, non_blocking=True)
+            self.static[1].copy_(y, non_blocking=True)
+            self.graph.replay()
+            out = self.out
+        self.sched.step()  # host side only: keeps param_groups' lr (console, checkpoint) in step
+        self.ema.updates += self.ema.decay > 0
+        return out
+
+    @torch.no_grad()
+    def after_load(self):
+        """After the optimizer, scheduler or EMA state was loaded (or restored after warm-up):
+        copy the momentum buffers into the graph's tensors, point the optimizer's state at them,
+        and set the device counters from the host ones."""
+        for g in self.groups:
+            for p, buf in zip(g["params"], g["bufs"]):
+                loaded = self.opt.state.get(p, {}).get("momentum_buffer")
+                if loaded is None:
+                    buf.zero_()  # no step taken yet: torch's first step sets buf = d_p, as 0 * m + d_p does
+                elif loaded is not buf:
+                    buf.copy_(loaded)
+                if g["mom"]:
+                    self.opt.state[p]["momentum_buffer"] = buf
+        self.step_t.fill_(self.sched.last_epoch)  # LambdaLR counts steps in last_epoch
+        self.ema_n.fill_(self.ema.updates)
+
+
+def make_whole_step(model, opt, sched, ema, criterion, rt, lr_factor, peak_lr: float, total_steps: int):
+    """WholeStep over `model` (already compiled as rt.compile_in_graph does, or not), with the lr
+    table peak_lr * lr_factor(s) for s = 0 .. total_steps (the last entry holds past the end),
+    captured on CUDA."""
+    table = [peak_lr * lr_factor(s) for s in range(total_steps + 1)]
+    return WholeStep(model, opt, sched, ema, criterion, rt, table, capture=True)
