@@ -29,6 +29,29 @@ from __future__ import annotations
 import torch
 
 
+def sgd_update(params, grads, bufs, lr, wd: float, mom: float, nesterov: bool):
+    """torch.optim.SGD's update (dampening 0) with lr a 0-d device tensor:
+    d = g + wd * p;  buf = mom * buf + d;  d = d + mom * buf (Nesterov) or buf;  p -= lr * d.
+    (torch's first step sets buf = d; with buf starting at 0 that is the same.)"""
+    d_p = torch._foreach_add(grads, params, alpha=wd) if wd else list(grads)
+    if mom:
+        torch._foreach_mul_(bufs, mom)
+        torch._foreach_add_(bufs, d_p)
+        d_p = torch._foreach_add(d_p, bufs, alpha=mom) if nesterov else bufs
+    torch._foreach_add_(params, torch._foreach_mul(d_p, -lr))
+
+
+def ema_update(ema_p, src_p, ema_b, src_b, n, decay):
+    """fastres.train.EMA.update with the update count n and the decay as 0-d device tensors:
+    ema += (1 - min(decay, (1 + n) / (10 + n))) * (src - ema); buffers copied; n += 1."""
+    w = 1 - torch.minimum((1 + n) / (10 + n), decay)
+    diff = torch._foreach_sub(src_p, ema_p)
+    torch._foreach_mul_(diff, w)
+    torch._foreach_add_(ema_p, diff)
+    torch._foreach_copy_(ema_b, src_b)
+    n += 1
+
+
 class WholeStep:
     """step(x, y) -> (loss, logits): the step's outputs, valid until the next call (graph-owned)."""
 
@@ -49,6 +72,11 @@ class WholeStep:
             bufs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
             self.groups.append({"params": params, "bufs": bufs, "wd": g["weight_decay"], "mom": g["momentum"],
                                 "nesterov": g["nesterov"]})
+        # With compilation on, the update and the EMA are compiled too: each becomes a few fused
+        # passes over the weights instead of one foreach pass per operation.
+        compiled = rt.compile_mode is not None
+        self.sgd = torch.compile(sgd_update, dynamic=False) if compiled else sgd_update
+        self.ema_update = torch.compile(ema_update, dynamic=False) if compiled else ema_update
         self.graph, self.static = None, None
         self.after_load()
 
@@ -62,23 +90,11 @@ class WholeStep:
             # index_select, not lrs[t]: indexing with a tensor may read it back to the host
             lr = self.lrs.index_select(0, self.step_t.clamp(max=len(self.lrs) - 1).view(1)).squeeze()
             for g in self.groups:
-                params = g["params"]
-                grads = [p.grad for p in params]
-                d_p = torch._foreach_add(grads, params, alpha=g["wd"]) if g["wd"] else list(grads)
-                if g["mom"]:
-                    torch._foreach_mul_(g["bufs"], g["mom"])
-                    torch._foreach_add_(g["bufs"], d_p)
-                    d_p = torch._foreach_add(d_p, g["bufs"], alpha=g["mom"]) if g["nesterov"] else g["bufs"]
-                torch._foreach_add_(params, torch._foreach_mul(d_p, -lr))
+                self.sgd(g["params"], [p.grad for p in g["params"]], g["bufs"], lr, g["wd"], g["mom"], g["nesterov"])
             self.step_t += 1
             if self.ema.decay > 0:
-                n = self.ema_n
-                w = 1 - torch.minimum((1 + n) / (10 + n), self.ema_decay)
-                diff = torch._foreach_sub(self.ema._src_p, self.ema._ema_p)
-                torch._foreach_mul_(diff, w)
-                torch._foreach_add_(self.ema._ema_p, diff)
-                torch._foreach_copy_(self.ema._ema_b, self.ema._src_b)
-                self.ema_n += 1
+                self.ema_update(self.ema._ema_p, self.ema._src_p, self.ema._ema_b, self.ema._src_b, self.ema_n,
+                                self.ema_decay)
         return loss.detach(), logits.detach()
 
     def _capture(self, x, y):

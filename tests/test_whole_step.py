@@ -120,3 +120,18 @@ def test_training_run_with_whole_step_equals_the_usual_step(small_data, tmp_path
         assert abs(a["test_acc"] - b["test_acc"]) <= 0.01
     rec = json.loads((tmp_path / "True" / "record.json").read_text())
     assert rec["config"]["whole_step"] is True
+
+
+def test_compiled_update_matches_torch_sgd_and_ema():
+    """With --compile, the SGD update and the EMA are torch.compile'd functions (lr, EMA count
+    and decay as tensors): the same parameters, momentum and EMA weights as eager torch."""
+    data = batches(5, seed=4)
+    ref, new = build(False), build(True, compile="default")
+    from fastres.step import ema_update, sgd_update
+    assert new[-1].sgd is not sgd_update and new[-1].ema_update is not ema_update
+    from torch._dynamo.utils import counters
+    counters.clear()
+    for x, y in data:
+        ref[-1](x, y), new[-1](x, y)
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # the update and the EMA
+    assert_same(state(*new[:4]), state(*ref[:4]))
