@@ -13,6 +13,7 @@ WholeStep captures everything a step does into one graph, replayed with one laun
                                    run's whole schedule at a step counter the graph advances, so
                                    a per-step schedule needs no recapture
   EMA                              decay min(d, (1+n)/(10+n)) from a device update counter
+  metrics                          the epoch's loss and correct-prediction sums
 
 Host work per step: copying the batch into the graph's input tensors, one replay, and the
 schedule's and EMA's host counters (Python integers, for checkpoints and the console table).
@@ -53,7 +54,8 @@ def ema_update(ema_p, src_p, ema_b, src_b, n, decay):
 
 
 class WholeStep:
-    """step(x, y) -> (loss, logits): the step's outputs, valid until the next call (graph-owned)."""
+    """step(x, y) -> (loss, logits): the step's outputs, valid until the next call (graph-owned).
+    Like fastres.train.TrainStep it keeps the epoch's loss_sum / correct on the device (reset())."""
 
     def __init__(self, model, opt: torch.optim.SGD, sched, ema, criterion, rt, lr_table: list[float],
                  capture: bool):
@@ -64,6 +66,8 @@ class WholeStep:
         self.step_t = torch.zeros((), dtype=torch.int64, device=dev)  # optimizer steps taken
         self.ema_n = torch.zeros((), dtype=torch.float32, device=dev)  # EMA updates made
         self.ema_decay = torch.tensor(float(ema.decay), device=dev)  # no host-to-device copy in the graph
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.correct = torch.zeros((), dtype=torch.int64, device=dev)
         self.groups = []
         for g in opt.param_groups:
             if g.get("dampening", 0) != 0:
@@ -86,6 +90,7 @@ class WholeStep:
             logits = self.model(x)
             loss = self.criterion(logits, y)
         loss.backward()
+        loss, logits = loss.detach(), logits.detach()
         with torch.no_grad():
             # index_select, not lrs[t]: indexing with a tensor may read it back to the host
             lr = self.lrs.index_select(0, self.step_t.clamp(max=len(self.lrs) - 1).view(1)).squeeze()
@@ -95,7 +100,13 @@ class WholeStep:
             if self.ema.decay > 0:
                 self.ema_update(self.ema._ema_p, self.ema._src_p, self.ema._ema_b, self.ema._src_b, self.ema_n,
                                 self.ema_decay)
-        return loss.detach(), logits.detach()
+            self.loss_sum += loss * y.numel()  # the epoch's sums, inside the graph too
+            self.correct += (logits.argmax(1) == y).sum()
+        return loss, logits
+
+    def reset(self):
+        """Zero the epoch's loss and accuracy sums (as TrainStep.reset)."""
+        self.loss_sum.zero_(), self.correct.zero_()
 
     def _capture(self, x, y):
         """Warm up on a side stream (compilation, cuDNN's choices, lazy allocations), then capture.

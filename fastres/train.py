@@ -258,25 +258,43 @@ class TensorBoard:
             self.writer.close()
 
 
-def make_train_step(model, opt, sched, ema, criterion, rt: runtime.Runtime):
-    """One optimizer step on a batch -> (loss, logits), both detached and left on the device."""
+class TrainStep:
+    """step(x, y) -> (loss, logits), detached: one optimizer step on a batch. It also adds the
+    batch's summed loss and correct predictions to `loss_sum` / `correct`, device tensors that
+    reset() zeroes at an epoch's start and the loop reads only every 25 steps (the non-finite
+    check) and at the epoch's end: no host sync per step. fastres.step.WholeStep has the same
+    interface."""
 
-    step_begin = rt.step_begin
+    def __init__(self, model, opt, sched, ema, criterion, rt: runtime.Runtime):
+        self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
+        self.step_begin = rt.step_begin
+        self.loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=rt.device, dtype=torch.int64)
 
-    def step(x, y):
-        step_begin()
-        with rt.autocast():
-            logits = model(x)
-            loss = criterion(logits, y)
+    def reset(self):
+        self.loss_sum.zero_(), self.correct.zero_()
+
+    def after_load(self):
+        """WholeStep re-syncs its device copies of the state here; this step holds none."""
+
+    def __call__(self, x, y):
+        self.step_begin()
+        with self.rt.autocast():
+            logits = self.model(x)
+            loss = self.criterion(logits, y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        ema.update()
-        return loss.detach(), logits.detach()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.ema.update()
+        loss, logits = loss.detach(), logits.detach()
+        self.loss_sum += loss * y.numel()
+        self.correct += (logits.argmax(1) == y).sum()
+        return loss, logits
 
-    step.after_load = lambda: None  # WholeStep's hook (fastres.step); nothing to re-sync here
-    return step
+
+def make_train_step(model, opt, sched, ema, criterion, rt: runtime.Runtime) -> TrainStep:
+    return TrainStep(model, opt, sched, ema, criterion, rt)
 
 
 def build_step(cfg: Config, rt: runtime.Runtime, model, train_model, opt, sched, ema, criterion, steps_per_epoch: int):
@@ -520,8 +538,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             lr = opt.param_groups[0]["lr"]
-            loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-            correct = torch.zeros((), device=rt.device, dtype=torch.int64)
+            step.reset()  # the epoch's loss and accuracy sums, kept on the device by the step
             seen = 0
             rt_sync()
             t0 = time.perf_counter()
@@ -529,14 +546,12 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
             bar = Progress(batches.train_epoch(epoch), steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress_s,
                            status=lambda: status(bar, epoch), log=log, enabled=dist.main)
             for i, (x, y) in enumerate(bar):
-                loss, logits = step(x, y)
-                loss_sum += loss * y.numel()
-                correct += (logits.argmax(1) == y).sum()
+                step(x, y)
                 seen += y.numel()
                 synced = (i + 1) % 25 == 0 or i + 1 == steps  # one host sync per 25 steps
                 if stop_now(synced):
                     raise interrupted(f"in epoch {epoch + 1} after step {i + 1} of {steps}")
-                if synced and not torch.isfinite(loss_sum):
+                if synced and not torch.isfinite(step.loss_sum):
                     raise diverged(f"non-finite training loss at epoch {epoch + 1}, step {i + 1} (lr {lr:g})")
             rt_sync()
             train_s = time.perf_counter() - t0
@@ -546,6 +561,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
             if not torch.stack([torch.isfinite(t).all() for t in state]).all():  # one host sync
                 raise diverged(f"non-finite weights or BN statistics after epoch {epoch + 1} (lr {lr:g})")
             seen_t = dist.sum(torch.tensor(seen, device=rt.device))
+            loss_sum, correct = step.loss_sum.clone(), step.correct.clone()
             dist.sum(loss_sum), dist.sum(correct)
             t0 = time.perf_counter()
             # num_test: the images evaluated (all ranks), not what the config or manifest says

@@ -62,6 +62,9 @@ def test_whole_step_matches_torch_sgd_schedule_and_ema():
         l_ref, _ = ref[-1](x, y)
         l_new, _ = new[-1](x, y)
         torch.testing.assert_close(l_new, l_ref, rtol=1e-5, atol=1e-6)
+    # the epoch's sums that each step keeps on the device
+    torch.testing.assert_close(new[-1].loss_sum, ref[-1].loss_sum, rtol=1e-5, atol=1e-6)
+    assert ref[-1].correct.item() == new[-1].correct.item() and ref[-1].loss_sum.item() > 0
     a, b = state(*ref[:4]), state(*new[:4])
     assert a["ema_updates"] == 7 and a["lr"][0] != SETTINGS["lr"]  # the schedule and EMA did move
     assert_same(b, a)
