@@ -35,3 +35,23 @@ def timed(fn, *args):
 
 def median_s(benchmark) -> float:
     return benchmark.stats.stats.median
+
+
+def step_under_test(cfg):
+    """(rt, model, step, x, y): what the step benchmarks and the profiler time: the ResNet of
+    `cfg`, SGD at a constant lr, the training step fastres builds for `cfg` (compiled, CUDA
+    graphs, --whole-step, as the switches say) and a fixed random batch on the device. Dynamo's
+    caches are reset first, so each call compiles afresh."""
+    from fastres import runtime
+    from fastres.train import EMA, build_model, build_step, make_criterion, peak_lr
+
+    torch._dynamo.reset()
+    rt = runtime.resolve(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, rt)
+    opt = torch.optim.SGD(model.parameters(), lr=peak_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    step = build_step(cfg, rt, model, rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), 1000)
+    x = torch.randn(cfg.batch_size, 3, 32, 32, device=rt.device).to(memory_format=rt.memory_format)
+    y = torch.randint(0, 10, (cfg.batch_size,), device=rt.device)
+    return rt, model, step, x, y

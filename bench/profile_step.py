@@ -39,22 +39,13 @@ def profile(mode: str, batch: int, fused: bool, steps: int = STEPS, device: str 
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from fastres import runtime
+    from bench.common import step_under_test
     from fastres.config import make_config
-    from fastres.train import EMA, build_model, build_step, make_criterion, peak_lr
 
-    torch._dynamo.reset()
     cfg = make_config("paper", {"device": device, "batch_size": batch, "compile": mode, "fused_bn_relu": fused,
                                 "depth": depth, "whole_step": whole_step})
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    rt = runtime.resolve(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg, rt)
-    opt = torch.optim.SGD(model.parameters(), lr=peak_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    step = build_step(cfg, rt, model, rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), 1000)
-    x = torch.randn(batch, 3, 32, 32, device=rt.device).to(memory_format=rt.memory_format)
-    y = torch.randint(0, 10, (batch,), device=rt.device)
+    rt, model, step, x, y = step_under_test(cfg)
     t0 = time.perf_counter()
     for _ in range(5):
         step(x, y)

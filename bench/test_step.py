@@ -11,10 +11,8 @@ autotuning) are timed apart and reported as warmup_s.
 import pytest
 import torch
 
-from bench.common import CUDA, DEVICE, MINIMAL, median_s, sync, timed
-from fastres import runtime
+from bench.common import CUDA, DEVICE, MINIMAL, median_s, step_under_test, sync, timed
 from fastres.config import make_config
-from fastres.train import EMA, build_model, build_step, make_criterion, peak_lr
 from fastres.model import count_params
 
 BASE = {"channels_last": False, "amp": "off", "compile": "off", "fused_bn_relu": False}
@@ -68,17 +66,9 @@ def test_train_step(benchmark, variant, batch):
     if reason:
         pytest.skip(reason)
     benchmark.group = "step"
-    torch._dynamo.reset()  # each variant compiles afresh (no recompilation limits, no dynamic batch dim)
     depth = 8 if MINIMAL else 68
     cfg = make_config("paper", {**VARIANTS[variant], "device": DEVICE.type, "batch_size": batch, "depth": depth})
-    rt = runtime.resolve(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg, rt)
-    opt = torch.optim.SGD(model.parameters(), lr=peak_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    step = build_step(cfg, rt, model, rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), 1000)
-    x = torch.randn(batch, 3, 32, 32, device=DEVICE).to(memory_format=rt.memory_format)
-    y = torch.randint(0, 10, (batch,), device=DEVICE)
+    rt, model, step, x, y = step_under_test(cfg)  # compiles afresh: no recompile limits, no dynamic batch
     # The same number of steps per round at every batch size, so that round times compare.
     steps_per_round = 1 if MINIMAL else (2 if not CUDA else 20)
 
