@@ -69,4 +69,8 @@ class Dist:
 
     def close(self):
         if self.world > 1 and dist.is_initialized():
+            # Leave together: a rank that tears its group down while another still works with it
+            # was seen to abort at exit ("terminate called without an active exception"), now
+            # and then, under load.
+            dist.barrier()
             dist.destroy_process_group()

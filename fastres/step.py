@@ -62,10 +62,12 @@ class WholeStep:
         self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
         dev = rt.device
         self.capture = capture and dev.type == "cuda"
-        self.lrs = torch.tensor(lr_table, dtype=torch.float32, device=dev)  # lr at optimizer step s
+        self.lrs = torch.tensor(lr_table, dtype=torch.float64, device=dev)  # lr at optimizer step s, as
+        # the host's Python floats (a 0-d float64 scales float32 weights without promoting them)
         self.step_t = torch.zeros((), dtype=torch.int64, device=dev)  # optimizer steps taken
-        self.ema_n = torch.zeros((), dtype=torch.float32, device=dev)  # EMA updates made
-        self.ema_decay = torch.tensor(float(ema.decay), device=dev)  # no host-to-device copy in the graph
+        self.ema_n = torch.zeros((), dtype=torch.float64, device=dev)  # EMA updates made
+        self.ema_decay = torch.tensor(float(ema.decay), dtype=torch.float64, device=dev)  # made here: no
+        # host-to-device copy in the graph; float64 as the host's EMA computes its decay
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self.correct = torch.zeros((), dtype=torch.int64, device=dev)
         self.groups = []
@@ -82,6 +84,9 @@ class WholeStep:
         self.sgd = torch.compile(sgd_update, dynamic=False) if compiled else sgd_update
         self.ema_update = torch.compile(ema_update, dynamic=False) if compiled else ema_update
         self.graph, self.static = None, None
+        # The update is ours, so opt.step() never runs; LambdaLR would then warn on every run that
+        # its step came before the optimizer's. This is the flag its wrapper of opt.step sets.
+        opt._opt_called = True
         self.after_load()
 
     # --- the step's arithmetic, captured or not --------------------------------------------------
