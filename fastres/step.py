@@ -44,13 +44,13 @@ def sgd_update(params, grads, bufs, lr, wd: float, mom: float, nesterov: bool):
 
 def ema_update(ema_p, src_p, ema_b, src_b, n, decay):
     """fastres.train.EMA.update with the update count n and the decay as 0-d device tensors:
-    ema += (1 - min(decay, (1 + n) / (10 + n))) * (src - ema); buffers copied; n += 1."""
+    ema += (1 - min(decay, (1 + n) / (10 + n))) * (src - ema); buffers copied. The caller
+    advances n (compiled by torch 2.11, an `n += 1` in here gave wrong EMA weights)."""
     w = 1 - torch.minimum((1 + n) / (10 + n), decay)
     diff = torch._foreach_sub(src_p, ema_p)
     torch._foreach_mul_(diff, w)
     torch._foreach_add_(ema_p, diff)
     torch._foreach_copy_(ema_b, src_b)
-    n += 1
 
 
 class WholeStep:
@@ -105,6 +105,7 @@ class WholeStep:
             if self.ema.decay > 0:
                 self.ema_update(self.ema._ema_p, self.ema._src_p, self.ema._ema_b, self.ema._src_b, self.ema_n,
                                 self.ema_decay)
+                self.ema_n += 1
             self.loss_sum += loss * y.numel()  # the epoch's sums, inside the graph too
             self.correct += (logits.argmax(1) == y).sum()
         return loss, logits
