@@ -19,6 +19,17 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CUDA = DEVICE.type == "cuda"
 
 
+def environment() -> dict:
+    """What ran the benchmarks, kept in each result row (a record may be written elsewhere later)."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if CUDA else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version}
+
+
 def sync():
     if CUDA:
         torch.cuda.synchronize()

@@ -35,10 +35,12 @@ def pytest_runtest_call(item):
     path = os.environ.get("FASTRES_BENCH_JSONL")
     b = item.funcargs.get("benchmark") if path else None
     st = getattr(getattr(b, "stats", None), "stats", None)
-    if st is None:
+    if st is None or not st.data:  # the case failed before its first round: nothing to record
         return
+    from bench.common import environment
+
     row = {"group": b.group, "name": item.name, "median_s": st.median, "min_s": st.min, "rounds": st.rounds,
-           **b.extra_info}
+           **b.extra_info, "environment": environment()}
     with open(path, "a") as f:
         f.write(json.dumps(row, default=str) + "\n")
 

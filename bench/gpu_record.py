@@ -9,6 +9,7 @@ Phases (default `all` = train, bench, write, in one go):
           finishes (a case run again replaces its earlier result)
   write   bench/results/<date>-<gpu>.json (GPU, torch, per-epoch times, accuracy, benchmarks)
           and a short .md beside it, from the finished training run and the benchmarks
+          (--bench-only: the benchmarks alone, as <date>-<gpu>-bench.json)
   table   print the Markdown table of all committed records, as shown in the README
 
 Needs CUDA (`--allow-cpu` exists to test this script itself on a CPU).
@@ -20,6 +21,7 @@ import datetime
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -36,12 +38,40 @@ GROUPS = {"loader": "bench/test_loader.py", "step": "bench/test_step.py", "kerne
 
 
 def run_benchmarks(groups: list[str], env: dict, jsonl: Path, select: str | None = None) -> int:
-    """Run the groups' benchmarks; each case appends its row to `jsonl` as soon as it finished."""
+    """Run the groups' benchmarks; each case appends its row to `jsonl` as soon as it finished.
+
+    pytest runs in a process group of its own, and a SIGTERM or SIGINT sent to this script (a job's
+    time limit, `timeout`, Ctrl-C) ends that whole group: pytest and the DataLoader workers it
+    started. Otherwise they would run on after this script was stopped, holding the GPU and the
+    output pipe of whatever waits for this job."""
     cmd = [sys.executable, "-m", "pytest", *(GROUPS[g] for g in groups), "-q", "-p", "no:cacheprovider",
            "--benchmark-disable-gc", "--benchmark-columns=min,median,rounds"] + (["-k", select] if select else [])
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env, "FASTRES_BENCH_JSONL": str(jsonl)},
-                       stdout=sys.stderr)
-    return r.returncode
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, "FASTRES_BENCH_JSONL": str(jsonl)},
+                            stdout=sys.stderr, start_new_session=True)
+
+    stopped = []
+
+    def stop(signum, frame):  # a second signal does not wait any more
+        stopped.append(signum)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM if len(stopped) == 1 else signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived pytest
+        except ProcessLookupError:
+            pass
+        print(f"bench.gpu_record: stopped by signal {stopped[0]}; the cases that finished are kept", file=sys.stderr)
+        raise SystemExit(128 + stopped[0])
+    return code
 
 
 def read_bench(work: Path) -> list[dict]:
@@ -58,11 +88,21 @@ def read_json(path: Path, missing):
     return json.loads(path.read_text()) if path.exists() else missing
 
 
+def is_record(r) -> bool:
+    """A record written by `write` (profiles and other JSON files beside the records are not)."""
+    return isinstance(r, dict) and {"date", "gpu", "train", "benchmarks"} <= r.keys()
+
+
 def table(records: list[dict]) -> str:
     rows = ["| date | GPU | torch | preset | compile | epoch time (s) | training + eval (s) | test acc |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(records, key=lambda r: r["date"]):
+    for r in sorted(filter(is_record, records), key=lambda r: r["date"]):
         t = r["train"]
+        if t is None:
+            groups = ", ".join(r["benchmark_groups"])
+            rows.append(f"| {r['date']} | {r['gpu']} | {r['torch']} | no training run (benchmarks: {groups}) "
+                        "| | | | |")
+            continue
         done = "" if t.get("status", "finished") == "finished" else \
             f" ({t['status']} after {t['epochs_done']}/{t['epochs_planned']} epochs)"
         rows.append(f"| {r['date']} | {r['gpu']} | {r['torch']} | {t['preset']}{done} | {t['switches']['compile']} | "
@@ -108,61 +148,98 @@ def phase_bench(a, work: Path) -> None:
         print(f"bench.gpu_record: pytest exited with {code}; the cases that finished are kept", file=sys.stderr)
 
 
-def baseline_ratio(bench: list[dict], run_epoch_s: float) -> dict | None:
-    """Epoch time of the plain-PyTorch baseline over fastres's (its default in the same benchmark
-    group, and this record's training run)."""
+def baseline_ratio(bench: list[dict], run_epoch_s: float | None) -> dict | None:
+    """Epoch time of the plain-PyTorch baseline, and its ratio to fastres's (its default in the same
+    benchmark group, and this record's training run), as far as those ran."""
     by = {b["name"]: b for b in bench if b["group"] == "baseline"}
     base, ours = by.get("test_torchvision_style"), by.get("test_fastres_default")
-    if base is None or ours is None:
+    if base is None:
         return None
-    return {"baseline_epoch_s": base["epoch_train_s"], "fastres_default_epoch_s": ours["epoch_train_s"],
-            "record_run_epoch_s": run_epoch_s, "ratio_default": base["epoch_train_s"] / ours["epoch_train_s"],
-            "ratio_record_run": base["epoch_train_s"] / run_epoch_s, "epochs": base["epochs"],
-            "baseline_workers": base.get("workers")}
+    r = {"baseline_epoch_s": base["epoch_train_s"], "epochs": base["epochs"], "baseline_workers": base.get("workers")}
+    if ours is not None:
+        r.update(fastres_default_epoch_s=ours["epoch_train_s"], ratio_default=base["epoch_train_s"] / ours["epoch_train_s"])
+    if run_epoch_s:
+        r.update(record_run_epoch_s=run_epoch_s, ratio_record_run=base["epoch_train_s"] / run_epoch_s)
+    return r
+
+
+def baseline_line(b: dict) -> str:
+    parts = [f"Plain PyTorch (bench/baseline.py) {b['baseline_epoch_s']:.2f} s per epoch"]
+    if "ratio_default" in b:
+        parts.append(f"fastres's default {b['fastres_default_epoch_s']:.2f} s ({b['ratio_default']:.1f}x faster)")
+    else:
+        parts.append("fastres's default did not finish in this record")
+    if "ratio_record_run" in b:
+        parts.append(f"this record's training run {b['record_run_epoch_s']:.2f} s ({b['ratio_record_run']:.1f}x faster)")
+    return "; ".join(parts) + "."
+
+
+def bench_environment(bench: list[dict], a) -> tuple[str, str]:
+    """GPU and torch version of the machine that ran the benchmarks: from the rows (each row carries
+    them), else from --gpu/--torch (rows written before they did)."""
+    envs = [b["environment"] for b in bench if "environment" in b]
+    names = {b["switches"]["device_name"] for b in bench if "device_name" in b.get("switches", {})}
+    gpu = envs[0]["gpu"] if envs else (a.gpu or (names.pop() if len(names) == 1 else None))
+    torch_version = envs[0]["torch"] if envs else a.torch
+    if not gpu or not torch_version:
+        raise SystemExit("bench.gpu_record: error: the benchmark rows do not say which GPU and torch ran them; "
+                         "give --gpu NAME and --torch VERSION")
+    return gpu, torch_version
 
 
 def phase_write(a, work: Path, gpu: str) -> Path:
     run = work / f"train-{a.preset}"
-    if not (run / "record.json").exists():
-        raise SystemExit(f"bench.gpu_record: error: no training run in {run}; run the `train` phase first")
-    rec = json.loads((run / "record.json").read_text())
-    done, planned = len(rec["epochs"]), rec["config"]["epochs"]
-    if rec["status"] != "finished" and not a.allow_unfinished:
-        raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} after "
-                         f"{done}/{planned} epochs; run `train` again to resume (or write it as it is with "
-                         "--allow-unfinished)")
     bench = read_bench(work)
-    walls = read_json(run / "walls.json", [])
     date = datetime.date.today().isoformat()
-    env = dict(rec["environment"])
+    if a.bench_only:
+        if not bench:
+            raise SystemExit(f"bench.gpu_record: error: no benchmark rows in {work / 'bench.jsonl'}; run `bench` first")
+        gpu, torch_version = bench_environment(bench, a)
+        env, train, rec = {"device_name": gpu, "torch": torch_version}, None, None
+    else:
+        if not (run / "record.json").exists():
+            raise SystemExit(f"bench.gpu_record: error: no training run in {run}; run the `train` phase first "
+                             "(or record the benchmarks alone with --bench-only)")
+        rec = json.loads((run / "record.json").read_text())
+        done, planned = len(rec["epochs"]), rec["config"]["epochs"]
+        if rec["status"] != "finished" and not a.allow_unfinished:
+            raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} after "
+                             f"{done}/{planned} epochs; run `train` again to resume (or write it as it is with "
+                             "--allow-unfinished)")
+        walls = read_json(run / "walls.json", [])
+        env = dict(rec["environment"])
+        # GPU and torch of the machine that trained (write may run elsewhere, from copied results)
+        gpu, torch_version = env.get("device_name") or gpu, env.get("torch") or torch.__version__
+        train = {"preset": a.preset, "status": rec["status"], "epochs_done": done, "epochs_planned": planned,
+                 "config": rec["config"], "switches": rec["switches"],
+                 "wall_s": sum(walls), "processes": len(walls), "resumed_at_epoch": rec["resumed_at_epoch"],
+                 "warmup_s": rec["warmup_s"], "mean_epoch_train_s": rec["mean_epoch_train_s"],
+                 "epoch_train_s": [e["train_s"] for e in rec["epochs"]],
+                 "images_per_s": [e["images_per_s"] for e in rec["epochs"]],
+                 "test_acc_per_epoch": [e["test_acc"] for e in rec["epochs"]],
+                 "final_test_acc": rec["final_test_acc"], "best_test_acc": rec["best_test_acc"],
+                 "train_s_total": rec["train_s_total"], "eval_s_total": rec["eval_s_total"]}
     if os.environ.get("FASTRES_GIT_COMMIT"):  # the tree's own commit, where its .git was stale or absent
         env["git_commit"] = os.environ["FASTRES_GIT_COMMIT"]
-    # GPU and torch of the machine that trained (write may run elsewhere, from copied results)
-    gpu, torch_version = env.get("device_name") or gpu, env.get("torch") or torch.__version__
     result = {
-        "date": date, "gpu": gpu, "torch": torch_version, "environment": env,
-        "train": {"preset": a.preset, "status": rec["status"], "epochs_done": done, "epochs_planned": planned,
-                  "config": rec["config"], "switches": rec["switches"],
-                  "wall_s": sum(walls), "processes": len(walls), "resumed_at_epoch": rec["resumed_at_epoch"],
-                  "warmup_s": rec["warmup_s"], "mean_epoch_train_s": rec["mean_epoch_train_s"],
-                  "epoch_train_s": [e["train_s"] for e in rec["epochs"]],
-                  "images_per_s": [e["images_per_s"] for e in rec["epochs"]],
-                  "test_acc_per_epoch": [e["test_acc"] for e in rec["epochs"]],
-                  "final_test_acc": rec["final_test_acc"], "best_test_acc": rec["best_test_acc"],
-                  "train_s_total": rec["train_s_total"], "eval_s_total": rec["eval_s_total"]},
-        "baseline": baseline_ratio(bench, rec["mean_epoch_train_s"]),
+        "date": date, "gpu": gpu, "torch": torch_version, "environment": env, "note": a.note, "train": train,
+        "baseline": baseline_ratio(bench, train and train["mean_epoch_train_s"]),
         "benchmark_groups": sorted({b["group"] for b in bench}),
         "benchmarks": bench,
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}"
+    stem = f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}" + ("-bench" if a.bench_only else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
-    lines = [f"# {gpu}, {date}", "", f"torch {torch_version}; preset `{a.preset}`; switches: " +
-             ", ".join(f"{k} {v}" for k, v in rec["switches"].items() if k in ("compile", "amp", "fused_bn_relu",
-                                                                              "channels_last")), "",
-             table([result]), "",
-             "| group | benchmark | images/s or GB/s | median per step or call |", "| --- | --- | --- | --- |"]
+    if rec is None:
+        lines = [f"# {gpu}, {date}: benchmarks only", "", f"torch {torch_version}; no training run in this record."]
+    else:
+        lines = [f"# {gpu}, {date}", "", f"torch {torch_version}; preset `{a.preset}`; switches: " +
+                 ", ".join(f"{k} {v}" for k, v in rec["switches"].items() if k in ("compile", "amp", "fused_bn_relu",
+                                                                                  "channels_last"))]
+    lines += ["", a.note] if a.note else []
+    lines += ["", table([result]), "",
+              "| group | benchmark | images/s or GB/s | median per step or call |", "| --- | --- | --- | --- |"]
     for b in bench:
         rate = (f"{b['images_per_s']:.0f} img/s" if "images_per_s" in b else
                 f"{b['host_us_per_fwd_bwd']:.1f} us host per fwd+bwd" if "host_us_per_fwd_bwd" in b else
@@ -170,10 +247,7 @@ def phase_write(a, work: Path, gpu: str) -> Path:
         per = b.get("per_call_s", b["median_s"] / b.get("steps_per_round", 1))
         lines.append(f"| {b['group']} | {b['name']} | {rate} | {1000 * per:.3f} ms |")
     if result["baseline"]:
-        b = result["baseline"]
-        lines += ["", f"Plain PyTorch (bench/baseline.py) {b['baseline_epoch_s']:.2f} s per epoch; fastres's default "
-                      f"{b['fastres_default_epoch_s']:.2f} s ({b['ratio_default']:.1f}x faster); this record's "
-                      f"training run {b['record_run_epoch_s']:.2f} s ({b['ratio_record_run']:.1f}x faster)."]
+        lines += ["", baseline_line(result["baseline"])]
     lines += ["", kernel_goals(bench)] if any(b["group"] == "kernels" for b in bench) else []
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json and .md")
@@ -194,12 +268,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="where `write` puts the record")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="write: record a training run that stopped early (interrupted, out of time), marked so")
+    p.add_argument("--bench-only", action="store_true",
+                   help="write: a record of the benchmarks alone, without a training run (<date>-<gpu>-bench.json)")
+    p.add_argument("--gpu", default=None, help="write --bench-only: the GPU, for rows that do not name it")
+    p.add_argument("--torch", default=None, help="write --bench-only: the torch version, for rows that do not give it")
+    p.add_argument("--note", default="", help="write: a line of context kept in the record and its summary")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (only to test this script)")
     p.add_argument("--minimal-bench", action="store_true", help="tiny benchmark rounds (only to test this script)")
     p.epilog = "Other --key value settings override the preset's in the train phase, as for `fastres train`."
     a, rest = p.parse_known_args(argv)
     if a.phase == "table":
-        print(table([json.loads(f.read_text()) for f in sorted(Path(a.out).glob("*.json"))]))
+        print(table([json.loads(f.read_text()) for f in sorted(Path(a.out).glob("*.json"))]))  # records only
         return 0
     if not torch.cuda.is_available() and not a.allow_cpu and a.phase != "write":
         print("bench.gpu_record: error: no CUDA device; this records GPU results", file=sys.stderr)

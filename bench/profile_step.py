@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--compile", nargs="+", default=["default"], help="compile modes to profile, in turn")
+    p.add_argument("--compile", nargs="*", default=["default"],
+                   help="compile modes to profile, in turn (none: only --whole-step)")
     p.add_argument("--fused-bn-relu", action="store_true")
     p.add_argument("--whole-step", action="store_true", help="also profile --whole-step (compile default inside)")
     p.add_argument("--out", type=Path, default=None, help="also write the Markdown summary (and a .json) here")

@@ -41,7 +41,7 @@ def test_fastres_default(benchmark, bench_data, tmp_path):
     from fastres.config import make_config
     from fastres.train import train
 
-    cfg = make_config("paper", {"epochs": EPOCHS, "depth": DEPTH, "train_limit": LIMIT or 0, "test_limit": 100 if MINIMAL else 1000,
+    cfg = make_config("paper", {"epochs": EPOCHS, "depth": DEPTH, "train_limit": LIMIT or 0, "test_limit": 100 if MINIMAL else 500,
                                 "data": str(bench_data), "out": str(tmp_path / "run"), "device": DEVICE.type})
     rec = benchmark.pedantic(lambda: train(cfg, log=lambda *a, **k: None), rounds=1, iterations=1)
     assert rec["status"] == "finished"

@@ -101,6 +101,18 @@ def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
     assert rec_path.with_suffix(".md").read_text().startswith("# ")
     t = run_cli("bench.gpu_record", "table", "--out", out)
     assert t.returncode == 0 and "| " + rec["date"] in t.stdout
+    # the benchmarks alone (a GPU slot too short for the training run), each row naming its machine;
+    # `table` passes over the other JSON files kept beside the records (a profile's)
+    (out / f"{rec['date']}-cpu-profile.json").write_text(json.dumps([{"mode": "default"}]))
+    r = run_cli("bench.gpu_record", "write", *common, "--bench-only", "--note", "step group only")
+    assert r.returncode == 0, r.stderr[-3000:]
+    brec = json.loads((out / f"{rec['date']}-cpu-bench.json").read_text())
+    assert brec["train"] is None and brec["note"] == "step group only" and brec["benchmark_groups"] == ["step"]
+    assert brec["gpu"] == "cpu" and brec["torch"] == torch.__version__
+    assert all(b["environment"]["torch"] == torch.__version__ for b in brec["benchmarks"])
+    t = run_cli("bench.gpu_record", "table", "--out", out)
+    assert t.returncode == 0, t.stderr[-2000:]
+    assert "no training run (benchmarks: step)" in t.stdout and t.stdout.count("| " + rec["date"]) == 2
 
 
 def test_kernel_goals_table_compares_fused_with_compile():
@@ -135,3 +147,36 @@ def test_accuracy_drop_against_the_saved_run_fails_the_bench(small_data, tmp_pat
     assert "accuracy check failed: test_epoch[stream]: test accuracy" in r.stdout and "allowed 2)" in r.stdout
     r = run_cli(*common, "--benchmark-compare=0001", "--accuracy-drop-fail", "50", env=env)
     assert r.returncode == 0 and "[change against the saved run]" in r.stdout, r.stdout[-3000:]
+
+
+def test_gpu_record_bench_stopped_by_sigterm_leaves_no_process_behind(small_data, tmp_path):
+    """A job's time limit (SIGTERM to the script) ends pytest and the DataLoader workers it started
+    too; left running, they held the GPU and kept the job's output pipe open after the limit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import REPO
+
+    # the baseline group on CPU: a ResNet-68 epoch with 2 DataLoader workers, far longer than this test waits
+    cmd = [sys.executable, "-m", "bench.gpu_record", "bench", "--allow-cpu", "--groups", "baseline",
+           "--work", str(tmp_path / "work"), "--data", str(small_data)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        me = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 300
+        while len(kids := me.children(recursive=True)) < 3:  # pytest and its 2 workers
+            assert proc.poll() is None and time.monotonic() < deadline, "the baseline's workers never started"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        gone, alive = psutil.wait_procs(kids, timeout=20)
+        assert not alive, [p.cmdline()[:3] for p in alive]
+        assert proc.returncode == 128 + signal.SIGTERM and "stopped by signal" in err, err[-2000:]
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            p.kill()
+        proc.kill()
