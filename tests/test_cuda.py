@@ -4,7 +4,7 @@ GPU; the kernels' own CUDA checks are in test_kernels.py, which runs on the GPU 
 - augmentation on the device: the same pixels as on the CPU, for the same offsets and mirrors;
 - FFCV's ToDevice path (stream) and the resident path (device): the test images that reach the
   GPU are the CPU's, bit for bit, after normalization;
-- the model: CUDA fp32 forward and gradients match the CPU's;
+- the model: CUDA forward and gradients match the CPU's (gradients in float64);
 - torch.compile's default and reduce-overhead (CUDA graphs) training steps follow the eager step
   over several SGD steps (weights and losses), including an evaluation between steps;
 - a whole tiny run on CUDA with the default switches and with CUDA graphs; its checkpoint evaluates
@@ -59,19 +59,24 @@ def test_test_images_reach_the_gpu_unchanged(small_data, placement):
 
 
 def test_model_forward_and_backward_on_cuda_match_cpu(exact_convs):
+    """The same network on both devices. Gradients in float64: in fp32 two correct devices differ
+    by ReLU flips (see WHOLE_NET_GRAD_RTOL in conftest), which failed this test on an H100 and an
+    H200 at element-wise tolerances; in float64 the devices agree to ~1e-12 and any real
+    difference (a layer computed otherwise on CUDA) stands out. The fp32 forward, continuous in
+    its inputs, is compared as it runs in training."""
     from fastres.model import resnet
 
     torch.manual_seed(0)
-    m_cpu = resnet(20)
-    m_gpu = resnet(20).to(CUDA)
-    m_gpu.load_state_dict(m_cpu.state_dict())
-    x = torch.randn(32, 3, 32, 32)
+    m_cpu = resnet(20).double()
+    m_gpu = copy.deepcopy(m_cpu).to(CUDA)
+    x = torch.randn(32, 3, 32, 32, dtype=torch.float64)
     y = torch.randint(0, 10, (32,))
     for m, dev in ((m_cpu, "cpu"), (m_gpu, "cuda")):
         torch.nn.functional.cross_entropy(m(x.to(dev)), y.to(dev)).backward()
     for (name, p), q in zip(m_cpu.named_parameters(), m_gpu.parameters()):
-        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-4, msg=name)
-    torch.testing.assert_close(m_gpu(x.to(CUDA)).cpu(), m_cpu(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-7, atol=1e-10, msg=name)
+    m_cpu, m_gpu = m_cpu.float(), m_gpu.float()
+    torch.testing.assert_close(m_gpu(x.float().to(CUDA)).cpu(), m_cpu(x.float()), rtol=1e-4, atol=1e-4)
 
 
 def _steps(mode: str, n: int = 6):

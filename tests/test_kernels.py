@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import WHOLE_NET_GRAD_RTOL, assert_grads_close, grad_rel
 from kernels import BatchNormAddReLU2d, BatchNormReLU2d, FusedNorm, bn_act_reference
 from fastres.model import resnet
 
@@ -134,18 +135,22 @@ def test_whole_resnet_forward_backward_and_sgd_step_match(channels_last, exact_c
     outs = []
     for m in (plain, fused_model):
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
         logits = m(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in m.named_parameters()}
         opt.step()
-        outs.append((logits, grads, {k: v.clone() for k, v in m.state_dict().items()}))
-    (l0, g0, s0), (l1, g1, s1) = outs
+        steps = {n: p.detach() - before[n] for n, p in m.named_parameters()}
+        outs.append((logits, grads, steps, {k: v.clone() for k, v in m.named_buffers()}))
+    (l0, g0, d0, b0), (l1, g1, d1, b1) = outs
+    # outputs and running statistics are continuous in the inputs: element by element
     torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-4)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-4, msg=n)
-    for k in s0:
-        torch.testing.assert_close(s1[k], s0[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in b0:
+        torch.testing.assert_close(b1[k], b0[k], rtol=1e-4, atol=1e-5, msg=k)
+    # gradients and the SGD step they make pass through ReLU masks: by norm (see conftest)
+    assert_grads_close(g1, g0, WHOLE_NET_GRAD_RTOL[8])
+    assert_grads_close(d1, d0, WHOLE_NET_GRAD_RTOL[8])
 
 
 def test_compiles_without_graph_breaks(exact_convs):
@@ -161,7 +166,8 @@ def test_compiles_without_graph_breaks(exact_convs):
     ref_out = ref(x)
     ref_out.sum().backward()
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(m.conv1.weight.grad, ref.conv1.weight.grad, rtol=1e-3, atol=1e-4)
+    assert_grads_close({n: p.grad for n, p in m.named_parameters()},
+                       {n: p.grad for n, p in ref.named_parameters()}, WHOLE_NET_GRAD_RTOL[8])
     got, want = m.state_dict(), ref.state_dict()
     for k in want:  # every BN's running statistics and batch count were updated inside the graph
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -194,9 +200,10 @@ def test_training_size_layer_with_many_partials(shape, channels_last, dtype):
 
 def test_whole_resnet_bf16_channels_last_training_step_matches(exact_convs):
     """The training path at a training-like size: ResNet-20, channels_last, batch 32 (stage-1
-    layers combine 128 partials). In fp32 the fused network's gradients match PyTorch's within
-    2%; under bf16 autocast, where PyTorch's own bf16 gradients stray tens of percent from fp32 in
-    the first layers, the fused ones may stray no more than PyTorch's (x1.5, +0.02)."""
+    layers combine 128 partials). In fp32 the fused network's gradients match PyTorch's as two
+    fp32 implementations can (WHOLE_NET_GRAD_RTOL, see conftest); under bf16 autocast, where
+    PyTorch's own bf16 gradients stray tens of percent from fp32 in the first layers, the fused
+    ones may stray no more than PyTorch's (x1.5, +0.02)."""
     torch.manual_seed(0)
     plain = resnet(20).to(DEV, memory_format=torch.channels_last)
     fused_model = resnet(20, norm=FusedNorm).to(DEV, memory_format=torch.channels_last)
@@ -215,19 +222,16 @@ def test_whole_resnet_bf16_channels_last_training_step_matches(exact_convs):
         m.load_state_dict(before)  # running statistics back, for the next pass
         return logits.float(), {n: p.grad.float().clone() for n, p in m.named_parameters()}, after
 
-    def rel(a, b):
-        return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
     l_ref, g_ref, s_ref = step(plain, False)
     l_f32, g_f32, s_f32 = step(fused_model, False)
     l_pb, g_pb, _ = step(plain, True)
     l_fb, g_fb, s_fb = step(fused_model, True)
     torch.testing.assert_close(l_f32, l_ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(l_fb, l_ref, rtol=5e-2, atol=5e-2)
+    assert_grads_close(g_f32, g_ref, WHOLE_NET_GRAD_RTOL[20])
     for n in g_ref:
-        assert rel(g_f32[n], g_ref[n]) < 2e-2, (n, rel(g_f32[n], g_ref[n]))
-        assert rel(g_fb[n], g_ref[n]) <= 1.5 * rel(g_pb[n], g_ref[n]) + 0.02, \
-            (n, rel(g_fb[n], g_ref[n]), rel(g_pb[n], g_ref[n]))
+        assert grad_rel(g_fb[n], g_ref[n]) <= 1.5 * grad_rel(g_pb[n], g_ref[n]) + 0.02, \
+            (n, grad_rel(g_fb[n], g_ref[n]), grad_rel(g_pb[n], g_ref[n]))
     for k in s_ref:
         if s_ref[k].is_floating_point():
             torch.testing.assert_close(s_f32[k], s_ref[k], rtol=1e-4, atol=1e-5, msg=k)
