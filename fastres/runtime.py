@@ -153,6 +153,10 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
                            "uncaptured: no CUDA, so the same arithmetic runs op by op (for checking it)")
     else:
         s["whole_step"] = "off"
+        if cuda:
+            s["whole_step_why"] = ("off by default: as one CUDA graph the step measured 1.27x reduce-overhead's "
+                                   "images/s at batch 64 (H100, bench/results/2026-11-26-nvidia-h100-80gb-hbm3-bench.md), "
+                                   "but no full training run with it has been recorded yet")
     s["channels_last"] = cfg.channels_last
     s["compile_augment"] = cfg.compile_augment
     return Runtime(dev, amp, mode, cfg.channels_last, fused, whole, norm, s)
