@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_cli
 from data_prep import TEST_FILE, TRAIN_FILE
-from fastres.data import Batches, make_loader
+from fastres.data import Batches, augment_normalize, make_loader, sample_crop_flip
 
 CPU = torch.device("cpu")
 
@@ -51,6 +51,24 @@ def test_each_epoch_visits_every_image_once_in_its_own_order(small_data):
     a1 = Batches(small_data, 100, 500, CPU, seed=3, placement="device", num_workers=2)
     a2 = Batches(small_data, 100, 500, CPU, seed=3, placement="device", num_workers=2)
     assert all(torch.equal(p[0], q[0]) for p, q in zip(a1.train_epoch(2), a2.train_epoch(2)))
+
+
+def test_augmented_batches_are_the_raw_batches_cropped_flipped_and_normalized(small_data):
+    """Training batches are cropped straight out of the zero-padded resident set: the same images
+    as augment_normalize (crop_flip, tested against its definition in test_augment) makes from
+    each raw batch with the same draws, eager and compiled."""
+    kw = dict(seed=3, placement="device", num_workers=2)
+    b = Batches(small_data, 100, 500, CPU, **kw)
+    c = Batches(small_data, 100, 500, CPU, compile_augment=True, **kw)
+    g = b.epoch_generator(1)
+    n = 0
+    for (x, y), (cx, cy), (rx, ry) in zip(b.train_epoch(1), c.train_epoch(1), raw_epoch(b, 1)):
+        want = augment_normalize(rx, *sample_crop_flip(len(rx), g), b.mean, b.std, torch.float32, True)
+        assert torch.equal(x, want) and torch.equal(y, ry) and torch.equal(cy, ry)
+        assert cx.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(cx, want, rtol=0, atol=1e-6)
+        n += 1
+    assert n == len(b) == 20
 
 
 def test_rank_shares_are_disjoint_and_cover_the_epoch_and_test_set(small_data):
