@@ -163,9 +163,10 @@ class Batches:
 
     placement "stream": FFCV's Loader reads and shuffles each epoch (its order: permutation(seed
     + e), each rank a disjoint share). placement "device": both splits are read once into uint8
-    tensors on the training device (CIFAR-10's training set is 154 MB) and each epoch's order is
-    a permutation drawn there from (seed, epoch), each rank taking its own contiguous share, so
-    no per-batch work leaves the device. Either way the order and the augmentation are pure
+    tensors on the training device (CIFAR-10's training set is 154 MB, 240 MB held zero-padded for
+    the crop) and each epoch's order is a permutation drawn there from (seed, epoch), each rank
+    taking its own contiguous share; each batch is cropped out of the padded set in one gather,
+    so no per-batch work leaves the device. Either way the order and the augmentation are pure
     functions of (seed, epoch), which is what makes resume exact.
     """
 
