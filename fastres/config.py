@@ -33,8 +33,9 @@ class Config:
     augment: bool = True                  # random crop (pad 4 px) + horizontal flip
     loader_workers: int = -1              # FFCV decode threads per process; -1 = all cores
     data_placement: str = "stream"        # stream = FFCV reads every epoch; device = both splits read
-                                          # once into uint8 tensors on the training device (154 MB
-                                          # for CIFAR-10's training set), epochs permuted there
+                                          # once into uint8 tensors on the training device (240 MB
+                                          # for CIFAR-10's training set, held zero-padded for the
+                                          # crop), epochs permuted there
     # --- optimization ----------------------------------------------------------------------
     epochs: int = 50                      # passes over the training set
     batch_size: int = 64                  # images per optimizer step, summed over all processes
