@@ -1,7 +1,8 @@
 """The CUDA paths, checked against the CPU or eager results they must reproduce (skipped without a
 GPU; the kernels' own CUDA checks are in test_kernels.py, which runs on the GPU when there is one).
 
-- augmentation on the device: the same pixels as on the CPU, for the same offsets and mirrors;
+- augmentation on the device: the same pixels as on the CPU, for the same offsets and mirrors,
+  also when cropped straight out of the padded resident set;
 - FFCV's ToDevice path (stream) and the resident path (device): the test images that reach the
   GPU are the CPU's, bit for bit, after normalization;
 - the model: CUDA forward and gradients match the CPU's (gradients in float64);
@@ -35,6 +36,24 @@ def test_augmentation_on_cuda_matches_cpu(cifar):
     want = augment_normalize(images, dy, dx, m, mean, std, torch.float32, True)
     fused = torch.compile(augment_normalize, dynamic=False)
     got = fused(images.to(CUDA), dy.to(CUDA), dx.to(CUDA), m.to(CUDA), mean.to(CUDA), std.to(CUDA), torch.float32, True)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-5)
+
+
+def test_resident_augmentation_on_cuda_matches_cpu():
+    """--data-placement device: batches cropped straight out of the padded resident set by the
+    compiled gather (Triton on CUDA) are the CPU's eager crop/flip/normalize of the same draws."""
+    from fastres.data import PAD, augment_normalize, gather_augment_normalize, sample_crop_flip
+
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (700, 32, 32, 3), dtype=torch.uint8, generator=g)
+    padded = torch.nn.functional.pad(images, (0, 0, PAD, PAD, PAD, PAD))
+    idx = torch.randperm(700, generator=g)[:512]
+    dy, dx, m = sample_crop_flip(512, g)
+    mean, std = torch.tensor([0.49, 0.48, 0.45]), torch.tensor([0.25, 0.24, 0.26])
+    want = augment_normalize(images[idx], dy, dx, m, mean, std, torch.float32, True)
+    fused = torch.compile(gather_augment_normalize, dynamic=False)
+    got = fused(*(t.to(CUDA) for t in (padded, idx, dy, dx, m, mean, std)), torch.float32, True)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-5)
 
