@@ -178,9 +178,15 @@ def bench_environment(bench: list[dict], a) -> tuple[str, str]:
     """GPU and torch version of the machine that ran the benchmarks: from the rows (each row carries
     them), else from --gpu/--torch (rows written before they did)."""
     envs = [b["environment"] for b in bench if "environment" in b]
-    names = {b["switches"]["device_name"] for b in bench if "device_name" in b.get("switches", {})}
-    gpu = envs[0]["gpu"] if envs else (a.gpu or (names.pop() if len(names) == 1 else None))
-    torch_version = envs[0]["torch"] if envs else a.torch
+    if envs:
+        kinds = {(e["gpu"], e["torch"]) for e in envs}
+    else:
+        kinds = {(b["switches"]["device_name"], a.torch) for b in bench if "device_name" in b.get("switches", {})}
+    if len(kinds) > 1:
+        raise SystemExit(f"bench.gpu_record: error: the benchmark rows come from different GPUs or torch versions "
+                         f"({sorted(kinds)}); write each one's rows from a work folder of their own")
+    gpu, torch_version = kinds.pop() if kinds else (None, a.torch)
+    gpu = gpu or a.gpu
     if not gpu or not torch_version:
         raise SystemExit("bench.gpu_record: error: the benchmark rows do not say which GPU and torch ran them; "
                          "give --gpu NAME and --torch VERSION")

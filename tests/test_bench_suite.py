@@ -113,6 +113,12 @@ def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
     t = run_cli("bench.gpu_record", "table", "--out", out)
     assert t.returncode == 0, t.stderr[-2000:]
     assert "no training run (benchmarks: step)" in t.stdout and t.stdout.count("| " + rec["date"]) == 2
+    # rows of another machine in the same folder are refused, not written under one GPU's name
+    row = {**brec["benchmarks"][0], "name": "other", "environment": {"gpu": "Other GPU", "torch": "0.0"}}
+    with open(work / "bench.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    r = run_cli("bench.gpu_record", "write", *common, "--bench-only")
+    assert r.returncode != 0 and "different GPUs or torch versions" in r.stderr, r.stderr[-2000:]
 
 
 def test_kernel_goals_table_compares_fused_with_compile():
