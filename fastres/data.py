@@ -79,16 +79,8 @@ def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mirrored
     One gather of whole pixels: out[n, i, j] = padded[n, i + dy_n, j' + dx_n], with j' = W-1-j for
     mirrored images. Only the final index add and the gather touch N*H*W elements.
     """
-    n, h, w, c = images.shape
-    dev = images.device
     padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))  # zero fill H and W
-    hp, wp = h + 2 * pad, w + 2 * pad
-    cols = torch.arange(w, device=dev).expand(n, w)
-    cols = torch.where(mirrored, cols.flip(1), cols)
-    # Flat pixel index into padded viewed as (N*hp*wp, C): row part (N, H) + column part (N, W).
-    rows = (torch.arange(n, device=dev)[:, None] * hp + dy + torch.arange(h, device=dev)) * wp
-    index = (rows[:, :, None] + (cols + dx)[:, None, :]).view(-1)
-    return padded.view(-1, c).index_select(0, index).view(n, h, w, c)
+    return crop_flip_from(padded, torch.arange(images.shape[0], device=images.device), dy, dx, mirrored, pad)
 
 
 def crop_flip_from(padded: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,

@@ -53,9 +53,26 @@ def ema_update(ema_p, src_p, ema_b, src_b, n, decay):
     torch._foreach_copy_(ema_b, src_b)
 
 
-class WholeStep:
-    """step(x, y) -> (loss, logits): the step's outputs, valid until the next call (graph-owned).
-    Like fastres.train.TrainStep it keeps the epoch's loss_sum / correct on the device (reset())."""
+class EpochSums:
+    """The epoch's summed loss and correct predictions, kept on the device by a training step
+    (fastres.train.TrainStep, WholeStep): the loop zeroes them with reset() at an epoch's start
+    and reads them only every 25 steps (the non-finite check) and at the epoch's end, so no step
+    waits for the host."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+
+    def reset(self):
+        self.loss_sum.zero_(), self.correct.zero_()
+
+    def count(self, loss, logits, y):
+        self.loss_sum += loss * y.numel()
+        self.correct += (logits.argmax(1) == y).sum()
+
+
+class WholeStep(EpochSums):
+    """step(x, y) -> (loss, logits): the step's outputs, valid until the next call (graph-owned)."""
 
     def __init__(self, model, opt: torch.optim.SGD, sched, ema, criterion, rt, lr_table: list[float],
                  capture: bool):
@@ -68,8 +85,7 @@ class WholeStep:
         self.ema_n = torch.zeros((), dtype=torch.float64, device=dev)  # EMA updates made
         self.ema_decay = torch.tensor(float(ema.decay), dtype=torch.float64, device=dev)  # made here: no
         # host-to-device copy in the graph; float64 as the host's EMA computes its decay
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        self.correct = torch.zeros((), dtype=torch.int64, device=dev)
+        super().__init__(dev)
         self.groups = []
         for g in opt.param_groups:
             if g.get("dampening", 0) != 0:
@@ -106,13 +122,8 @@ class WholeStep:
                 self.ema_update(self.ema._ema_p, self.ema._src_p, self.ema._ema_b, self.ema._src_b, self.ema_n,
                                 self.ema_decay)
                 self.ema_n += 1
-            self.loss_sum += loss * y.numel()  # the epoch's sums, inside the graph too
-            self.correct += (logits.argmax(1) == y).sum()
+            self.count(loss, logits, y)  # the epoch's sums, inside the graph too
         return loss, logits
-
-    def reset(self):
-        """Zero the epoch's loss and accuracy sums (as TrainStep.reset)."""
-        self.loss_sum.zero_(), self.correct.zero_()
 
     def _capture(self, x, y):
         """Warm up on a side stream (compilation, cuDNN's choices, lazy allocations), then capture.

@@ -45,7 +45,7 @@ from .model import count_params, resnet
 from .progress import Progress, duration
 from .rundir import (RunLock, StopRequest, atomic_write, latest_run, link_latest, load_checkpoint, new_run_dir,
                      prepare_out, remove_stale_temporaries)
-from .step import make_whole_step
+from .step import EpochSums, make_whole_step
 
 CHECKPOINT, RECORD, CURVES, METRICS_CSV = "last.pt", "record.json", "curves.png", "metrics.csv"
 # Settings a resumed run may change: they move files or threads around, not the arithmetic.
@@ -258,21 +258,15 @@ class TensorBoard:
             self.writer.close()
 
 
-class TrainStep:
-    """step(x, y) -> (loss, logits), detached: one optimizer step on a batch. It also adds the
-    batch's summed loss and correct predictions to `loss_sum` / `correct`, device tensors that
-    reset() zeroes at an epoch's start and the loop reads only every 25 steps (the non-finite
-    check) and at the epoch's end: no host sync per step. fastres.step.WholeStep has the same
-    interface."""
+class TrainStep(EpochSums):
+    """step(x, y) -> (loss, logits), detached: one optimizer step on a batch, its loss and
+    correct predictions added to the epoch's device-side sums (EpochSums). fastres.step.WholeStep
+    has the same interface."""
 
     def __init__(self, model, opt, sched, ema, criterion, rt: runtime.Runtime):
+        super().__init__(rt.device)
         self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
         self.step_begin = rt.step_begin
-        self.loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=rt.device, dtype=torch.int64)
-
-    def reset(self):
-        self.loss_sum.zero_(), self.correct.zero_()
 
     def after_load(self):
         """WholeStep re-syncs its device copies of the state here; this step holds none."""
@@ -288,13 +282,8 @@ class TrainStep:
         self.sched.step()
         self.ema.update()
         loss, logits = loss.detach(), logits.detach()
-        self.loss_sum += loss * y.numel()
-        self.correct += (logits.argmax(1) == y).sum()
+        self.count(loss, logits, y)
         return loss, logits
-
-
-def make_train_step(model, opt, sched, ema, criterion, rt: runtime.Runtime) -> TrainStep:
-    return TrainStep(model, opt, sched, ema, criterion, rt)
 
 
 def build_step(cfg: Config, rt: runtime.Runtime, model, train_model, opt, sched, ema, criterion, steps_per_epoch: int):
@@ -304,7 +293,7 @@ def build_step(cfg: Config, rt: runtime.Runtime, model, train_model, opt, sched,
     if rt.whole_step:
         return make_whole_step(rt.compile_in_graph(model), opt, sched, ema, criterion, rt,
                                lr_factor(cfg, steps_per_epoch), peak_lr(cfg), cfg.epochs * steps_per_epoch)
-    return make_train_step(train_model, opt, sched, ema, criterion, rt)
+    return TrainStep(train_model, opt, sched, ema, criterion, rt)
 
 
 def build_model(cfg: Config, rt: runtime.Runtime) -> torch.nn.Module:

@@ -102,7 +102,7 @@ def _steps(mode: str, n: int = 6):
     """n SGD steps of a ResNet-20 in fp32 under compile `mode` (an evaluation after step 3)."""
     from fastres import runtime
     from fastres.config import make_config
-    from fastres.train import EMA, build_model, make_criterion, make_train_step
+    from fastres.train import EMA, TrainStep, build_model, make_criterion
 
     torch._dynamo.reset()
     cfg = make_config("paper", {"device": "cuda", "depth": 20, "compile": mode, "amp": "off", "batch_size": 32})
@@ -114,7 +114,7 @@ def _steps(mode: str, n: int = 6):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     compiled = rt.compile(model)
-    step = make_train_step(compiled, opt, sched, EMA(model, 0), make_criterion(cfg), rt)
+    step = TrainStep(compiled, opt, sched, EMA(model, 0), make_criterion(cfg), rt)
     g = torch.Generator(device=CUDA).manual_seed(0)
     losses, evals = [], []
     for i in range(n):

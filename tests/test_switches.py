@@ -78,7 +78,7 @@ def _one_training_step(data, **over):
     """One fastres training step of a small ResNet on a real batch, with every conv's output and
     the model as the switches built them."""
     from fastres.data import Batches
-    from fastres.train import EMA, build_model, make_criterion, make_train_step
+    from fastres.train import EMA, TrainStep, build_model, make_criterion
 
     cfg = make_config("smoke", {"device": "cpu", "depth": 8, "widths": "4,8,16", **over})
     rt = resolve(cfg)
@@ -90,7 +90,7 @@ def _one_training_step(data, **over):
             m.register_forward_hook(lambda mod, inp, out: seen.append(out))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    step = make_train_step(rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), rt)
+    step = TrainStep(rt.compile(model), opt, sched, EMA(model, 0), make_criterion(cfg), rt)
     b = Batches(data, 32, 100, rt.device, seed=0, num_workers=2, channels_last=rt.channels_last)
     x, y = next(iter(b.train_epoch(0)))
     before = [p.detach().clone() for p in model.parameters()]

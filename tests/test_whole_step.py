@@ -9,7 +9,7 @@ import torch
 from fastres import runtime
 from fastres.config import make_config
 from fastres.step import make_whole_step
-from fastres.train import EMA, build_model, lr_factor, make_criterion, make_train_step, param_groups, peak_lr
+from fastres.train import EMA, TrainStep, build_model, lr_factor, make_criterion, param_groups, peak_lr
 
 SETTINGS = {"device": "cpu", "amp": "off", "depth": 8, "widths": "8,16,32", "batch_size": 16, "epochs": 2,
             "lr": 0.2, "nesterov": True, "no_decay_bn_bias": True, "warmup_epochs": 0.5, "schedule": "cosine_step",
@@ -32,7 +32,7 @@ def build(whole: bool, **over):
         step = make_whole_step(model, opt, sched, ema, make_criterion(cfg), rt, lr_factor(cfg, STEPS_PER_EPOCH),
                                peak_lr(cfg), cfg.epochs * STEPS_PER_EPOCH)
     else:
-        step = make_train_step(model, opt, sched, ema, make_criterion(cfg), rt)
+        step = TrainStep(model, opt, sched, ema, make_criterion(cfg), rt)
     return model, opt, sched, ema, step
 
 
