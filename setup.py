@@ -19,7 +19,8 @@ setup(
         "matplotlib",
     ],
     # tensorboard: optional for users (--tensorboard); the tests read back what it writes.
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "tensorboard"]},
+    # pytest-xdist: the test command runs the tests in 2 processes (`pytest -n 2`).
+    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "tensorboard"]},
     entry_points={
         "console_scripts": [
             "fastres=fastres.cli:main",

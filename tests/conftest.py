@@ -19,6 +19,16 @@ if not torch.cuda.is_available():
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (the README's `pytest -n 2`) the workers share the cores: each worker's torch,
+# and each process a test starts (inheriting OMP_NUM_THREADS), gets its share of them. On 2 cores,
+# one run each: serial 21.6 min; 2 workers with 2 threads each 17.3 min (2 threads spinning per
+# core: 1.4x the CPU time of the serial run); 1 thread each 16.5 min.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    _threads = str(max(1, (os.cpu_count() or 1) // _workers))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def _find_cifar() -> Path | None:
     """$FASTRES_CIFAR10, else what `fastres train` downloaded into ./data/downloads."""
@@ -119,6 +129,8 @@ def full_data(tmp_path_factory, cifar_dir) -> Path:
 
 def run_cli(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run `python -m <args>` from the repo root and capture its output."""
-    e = {**os.environ, **(env or {})}
+    # without xdist's worker variables: a pytest started here (the bench suite) would take itself
+    # for an xdist worker, and pytest-benchmark turns itself off there
+    e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | (env or {})
     return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=kw.pop("cwd", REPO), env=e,
                           capture_output=True, text=True, timeout=timeout, **kw)
