@@ -25,9 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 # core: 1.4x the CPU time of the serial run); 1 thread each 16.5 min.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    _threads = str(max(1, (os.cpu_count() or 1) // _workers))
-    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Processes the tests start are not xdist workers: a pytest among them (the bench suite) that
+# found xdist's variables would take itself for one, and pytest-benchmark turns itself off there.
+# (xdist itself keeps what it needs in config.workerinput.)
+for _k in [k for k in os.environ if k.startswith("PYTEST_XDIST")]:
+    del os.environ[_k]
 
 
 def _find_cifar() -> Path | None:
@@ -129,8 +133,6 @@ def full_data(tmp_path_factory, cifar_dir) -> Path:
 
 def run_cli(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run `python -m <args>` from the repo root and capture its output."""
-    # without xdist's worker variables: a pytest started here (the bench suite) would take itself
-    # for an xdist worker, and pytest-benchmark turns itself off there
-    e = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | (env or {})
+    e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=kw.pop("cwd", REPO), env=e,
                           capture_output=True, text=True, timeout=timeout, **kw)
