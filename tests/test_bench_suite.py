@@ -1,6 +1,7 @@
 """The benchmark suite imports and each group that applies here runs (one tiny round each)."""
 import json
 
+import pytest
 import torch
 
 from conftest import run_cli
@@ -76,6 +77,7 @@ def test_summary_ratios_noise_changes_and_accuracy_check():
     assert drop.startswith("test_epoch: test accuracy 45.00% -> 40.00%")
 
 
+@pytest.mark.long
 def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
     """The GPU record's phases, exercised on CPU with a tiny run (its numbers mean nothing)."""
     work, out = tmp_path / "work", tmp_path / "results"

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import psutil
+import pytest
 
 from conftest import REPO
 
@@ -62,6 +63,7 @@ def test_ddp_gradients_equal_single_process_on_the_whole_batch(tmp_path):
     assert (tmp_path / "grads_ok").read_text() == "ok"
 
 
+@pytest.mark.long
 def test_two_process_run_matches_single_process_and_resumes(small_data, tmp_path):
     r = torchrun(*train_args(small_data, tmp_path / "ddp"))
     assert r.returncode == 0, r.stderr[-3000:]

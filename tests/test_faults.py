@@ -196,6 +196,7 @@ def _cmd(args) -> str:
     return " ".join(map(str, [sys.executable, "-m", *args]))
 
 
+@pytest.mark.long
 def test_interrupt_then_failed_checkpoint_writes_keep_the_last_good_one(small_data, tmp_path):
     """Ctrl-C stops at a safe point with exit 130 and a resume command; a checkpoint write that
     fails (file too large; disk full) stops with exit 4 and leaves the previous checkpoint byte

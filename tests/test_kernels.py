@@ -198,6 +198,7 @@ def test_training_size_layer_with_many_partials(shape, channels_last, dtype):
         torch.testing.assert_close(got[k], pt[k], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.long
 def test_whole_resnet_bf16_channels_last_training_step_matches(exact_convs):
     """The training path at a training-like size: ResNet-20, channels_last, batch 32 (stage-1
     layers combine 128 partials). In fp32 the fused network's gradients match PyTorch's as two

@@ -26,7 +26,8 @@ def packed(cifar, tmp_path):
         np.savez_compressed(src / f"{split}.npz", images=images[::step], labels=labels[::step])
     (wheels / "ffcv-1.0.2-cp311-abi3-manylinux_2_35_x86_64.whl").write_bytes(b"stand-in: ffcv is installed here")
     dev = tmp_path / "dev"
-    r = sh("offline_pack.sh", FASTRES_CIFAR10=src, FFCV_WHEELS=wheels, PIECE_MB=1, OFFLINE_DIR=dev)
+    r = sh("offline_pack.sh", PYTHON=sys.executable, FASTRES_CIFAR10=src, FFCV_WHEELS=wheels, PIECE_MB=1,
+           OFFLINE_DIR=dev)
     assert r.returncode == 0, r.stderr
     return src, dev
 
@@ -48,6 +49,7 @@ def test_pack_cuts_pieces_under_the_size_asked(packed):
     assert not dev.with_name("dev.partial").exists()
 
 
+@pytest.mark.long
 def test_setup_refuses_missing_or_damaged_pieces_then_converts(packed, tmp_path):
     src, dev = packed
     data = tmp_path / "data"

@@ -93,6 +93,7 @@ def test_presets_beyond_the_paper():
     assert tp.batch_size == 512 and tp.lr_ref_batch == 128
 
 
+@pytest.mark.long
 def test_all_options_on_in_a_small_run_and_sweep(small_data, tmp_path):
     args = ["--data", small_data, "--depth", "8", "--epochs", "2", "--train-limit", "1000", "--test-limit", "200",
             "--batch-size", "100", "--loader-workers", "2", "--compile-augment", "false"]
@@ -111,6 +112,7 @@ def test_all_options_on_in_a_small_run_and_sweep(small_data, tmp_path):
     assert r.returncode == 0 and r.stdout.count("reading it") == 2
 
 
+@pytest.mark.long
 def test_eval_uses_the_ema_weights_and_flip_tta(small_data, tmp_path):
     """`fastres eval` on a checkpoint with EMA weights reports the EMA model's numbers (which
     differ from the raw weights'), and with --tta those of the averaged mirror logits; each

@@ -3,6 +3,7 @@ permuted there from (seed, epoch). Checked against the files read independently.
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import run_cli
@@ -96,6 +97,7 @@ def test_test_batches_equal_the_streaming_ones(small_data):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
 
 
+@pytest.mark.long
 def test_a_short_run_learns_as_well_as_streaming(small_data, tmp_path):
     acc = {}
     for placement in ("stream", "device"):

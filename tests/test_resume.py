@@ -49,6 +49,7 @@ def wait_until(pred, proc, timeout=300):
         time.sleep(0.02)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_sigkilled_twice_and_resumed_matches_an_uninterrupted_run(small_data, tmp_path, setting):
     ref, cut = tmp_path / "ref", tmp_path / "cut"

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 
+import pytest
 import torch
 
 from conftest import run_cli
@@ -12,6 +13,7 @@ TINY = ["--preset", "smoke", "--depth", "8", "--train-limit", "0", "--batch-size
         "--loader-workers", "2", "--compile-augment", "false"]
 
 
+@pytest.mark.long
 def test_runs_get_their_own_folders_and_resume_takes_the_latest(small_data, tmp_path):
     """Without --out each run gets runs/PRESET/DATE-TIME (under the working folder), runs/latest
     points at the newest, and --resume without --out continues that one."""
@@ -62,6 +64,7 @@ def test_metrics_csv_tensorboard_and_progress_in_a_log(small_data, tmp_path):
     assert rec["environment"]["ffcv"] == "1.0.2"  # the installed distribution's version
 
 
+@pytest.mark.long
 def test_estimate_covers_only_the_epochs_left(small_data, tmp_path):
     out = tmp_path / "run"
     r = run_cli("fastres", "train", "--data", small_data, "--out", out, *TINY, "--epochs", "3",
@@ -75,6 +78,7 @@ def test_estimate_covers_only_the_epochs_left(small_data, tmp_path):
     assert r.returncode == 0 and "estimated time for 2 epoch(s)" in r.stdout, r.stdout
 
 
+@pytest.mark.long
 def test_compare_prints_a_table_and_draws_accuracy_against_time(small_data, tmp_path):
     runs = []
     for lr in ("0.1", "0.05"):

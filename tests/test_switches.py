@@ -46,6 +46,7 @@ def test_fused_without_cuda_falls_back_and_says_so(small_data, tmp_path):
         assert resolved.startswith("off: requested")
 
 
+@pytest.mark.long
 def test_fused_under_interpreter_trains(small_data, tmp_path):
     # The interpreter is slow: 2 steps of 10 images, 10 test images.
     r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--fused-bn-relu",
