@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parents[1]
 
 # Under pytest-xdist (the README's `pytest -n 2`) the workers share the cores: each worker's torch,
-# and each process a test starts (inheriting OMP_NUM_THREADS), gets its share of them. On 2 cores,
+# and each process a test starts (inheriting OMP_NUM_THREADS), gets its share of them. On a 2-core AMD EPYC,
 # one run each: serial 21.6 min; 2 workers with 2 threads each 17.3 min (2 threads spinning per
 # core: 1.4x the CPU time of the serial run); 1 thread each 16.5 min.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
