@@ -93,8 +93,18 @@ def is_record(r) -> bool:
     return isinstance(r, dict) and {"date", "gpu", "train", "benchmarks"} <= r.keys()
 
 
+def step_mode(t: dict) -> str:
+    """The compile mode, plus the whole step and device-resident data where the run used them."""
+    parts = [t["switches"]["compile"]]
+    if t["switches"].get("whole_step", "off").startswith("one CUDA graph"):
+        parts.append("whole step")
+    if t["switches"].get("data_placement", t["config"].get("data_placement")) == "device":
+        parts.append("resident data")
+    return " + ".join(parts)
+
+
 def table(records: list[dict]) -> str:
-    rows = ["| date | GPU | torch | preset | compile | epoch time (s) | training + eval (s) | test acc |",
+    rows = ["| date | GPU | torch | preset | compile, step, data | epoch time (s) | training + eval (s) | test acc |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(filter(is_record, records), key=lambda r: r["date"]):
         t = r["train"]
@@ -105,7 +115,7 @@ def table(records: list[dict]) -> str:
             continue
         done = "" if t.get("status", "finished") == "finished" else \
             f" ({t['status']} after {t['epochs_done']}/{t['epochs_planned']} epochs)"
-        rows.append(f"| {r['date']} | {r['gpu']} | {r['torch']} | {t['preset']}{done} | {t['switches']['compile']} | "
+        rows.append(f"| {r['date']} | {r['gpu']} | {r['torch']} | {t['preset']}{done} | {step_mode(t)} | "
                     f"{t['mean_epoch_train_s']:.2f} | "
                     f"{t['train_s_total'] + t['eval_s_total']:.0f} | {100 * t['final_test_acc']:.2f}% |")
     return "\n".join(rows)
@@ -241,8 +251,10 @@ def phase_write(a, work: Path, gpu: str) -> Path:
         lines = [f"# {gpu}, {date}: benchmarks only", "", f"torch {torch_version}; no training run in this record."]
     else:
         lines = [f"# {gpu}, {date}", "", f"torch {torch_version}; preset `{a.preset}`; switches: " +
-                 ", ".join(f"{k} {v}" for k, v in rec["switches"].items() if k in ("compile", "amp", "fused_bn_relu",
-                                                                                  "channels_last"))]
+                 ", ".join(f"{k} {v}" for k, v in {"data_placement": rec["config"].get("data_placement", "stream"),
+                                                   **rec["switches"]}.items() if k in ("compile", "amp", "fused_bn_relu",
+                                                                                  "channels_last", "whole_step",
+                                                                                  "data_placement"))]
     lines += ["", a.note] if a.note else []
     lines += ["", table([result]), "",
               "| group | benchmark | images/s or GB/s | median per step or call |", "| --- | --- | --- | --- |"]

@@ -123,6 +123,23 @@ def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
     assert r.returncode != 0 and "different GPUs or torch versions" in r.stderr, r.stderr[-2000:]
 
 
+def test_record_table_names_the_whole_step_and_resident_data():
+    """The README's table says how each run stepped and where its data lived, not only the compile
+    mode (records written before the switches named the placement carry it in their config)."""
+    from bench.gpu_record import table
+
+    def rec(gpu, switches, placement):
+        train = {"preset": "paper", "switches": switches, "config": {"data_placement": placement},
+                 "mean_epoch_train_s": 3.0, "train_s_total": 150.0, "eval_s_total": 3.0, "final_test_acc": 0.9}
+        return {"date": "2026-01-01", "gpu": gpu, "torch": "2.11", "train": train, "benchmarks": []}
+
+    rows = table([rec("A", {"compile": "default", "whole_step": "one CUDA graph per step"}, "device"),
+                  rec("B", {"compile": "reduce-overhead", "whole_step": "off", "data_placement": "stream"}, "auto"),
+                  rec("C", {"compile": "default"}, "stream")]).splitlines()
+    assert "| A | 2.11 | paper | default + whole step + resident data | 3.00 | 153 | 90.00% |" in rows[2]
+    assert "| B | 2.11 | paper | reduce-overhead | " in rows[3] and "| C | 2.11 | paper | default | " in rows[4]
+
+
 def test_kernel_goals_table_compares_fused_with_compile():
     from bench.gpu_record import kernel_goals
 
