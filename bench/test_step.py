@@ -15,8 +15,9 @@ from bench.common import CUDA, DEVICE, MINIMAL, median_s, step_under_test, sync,
 from fastres.config import make_config
 from fastres.model import count_params
 
-BASE = {"channels_last": False, "amp": "off", "compile": "off", "fused_bn_relu": False}
-FAST = {"channels_last": True, "amp": "on"}  # bf16 autocast + channels_last, what every compiled mode uses
+# whole_step off except in its own variants: on CUDA its auto is on
+BASE = {"channels_last": False, "amp": "off", "compile": "off", "fused_bn_relu": False, "whole_step": "off"}
+FAST = {"channels_last": True, "amp": "on", "whole_step": "off"}  # bf16 + channels_last, as every compiled mode
 VARIANTS = {
     "eager_baseline": BASE,
     "fastres_default": {},
@@ -35,8 +36,8 @@ VARIANTS = {
     "reduce_overhead_fused": {**FAST, "compile": "reduce-overhead", "fused_bn_relu": True},
     "max_autotune_no_cudagraphs_fused": {**FAST, "compile": "max-autotune-no-cudagraphs", "fused_bn_relu": True},
     # the whole step (forward, backward, SGD, EMA) as one CUDA graph, the model compiled inside it
-    "whole_step": {**FAST, "compile": "default", "whole_step": True},
-    "whole_step_fused": {**FAST, "compile": "default", "whole_step": True, "fused_bn_relu": True},
+    "whole_step": {**FAST, "compile": "default", "whole_step": "on"},
+    "whole_step_fused": {**FAST, "compile": "default", "whole_step": "on", "fused_bn_relu": True},
 }
 CUDA_ONLY = {k for k in VARIANTS if k.startswith(("eager_bf16", "compile_", "reduce", "max_autotune", "whole"))}
 # On CUDA the single-switch variants over fp32 NCHW are left out: the step modes above cover the
@@ -49,7 +50,7 @@ def skip_reason(variant, batch):
     if variant in CUDA_ONLY and not CUDA:
         return "step modes with CUDA graphs, autotuning or Triton kernels are measured on CUDA only"
     if variant in CPU_ONLY and CUDA:
-        return "on CUDA the step modes (compile_default = fastres's default there) replace this variant"
+        return "on CUDA the step modes (whole_step = fastres's default there) replace this variant"
     if "fused_bn_relu" in variant and not CUDA:
         return "fused BN-ReLU runs its Triton kernels on CUDA only (the CPU path is the PyTorch fallback)"
     if variant == "compile" and not CUDA and batch != 64:

@@ -9,7 +9,8 @@ from .config import ConfigError, PRESETS, help_text, make_config, parse_override
 from .errors import Interrupted, cli_main
 
 TRAIN_EPILOG = """\
-settings (any of them as --key value; booleans also as a bare --key; defaults are the 'paper' preset's):
+settings (any of them as --key value; booleans and auto|on|off switches also as a bare --key (true/on) or
+--no-key (false/off); defaults are the 'paper' preset's):
 {settings}
 
 presets: {presets}

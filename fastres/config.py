@@ -32,10 +32,11 @@ class Config:
     test_limit: int = 0                   # images; 0 = all 10,000
     augment: bool = True                  # random crop (pad 4 px) + horizontal flip
     loader_workers: int = -1              # FFCV decode threads per process; -1 = all cores
-    data_placement: str = "stream"        # stream = FFCV reads every epoch; device = both splits read
+    data_placement: str = "auto"          # stream = FFCV reads every epoch; device = both splits read
                                           # once into uint8 tensors on the training device (240 MB
                                           # for CIFAR-10's training set, held zero-padded for the
-                                          # crop), epochs permuted there
+                                          # crop), epochs permuted there; auto = device on one
+                                          # CUDA GPU, else stream (see fastres.runtime)
     # --- optimization ----------------------------------------------------------------------
     epochs: int = 50                      # passes over the training set
     batch_size: int = 64                  # images per optimizer step, summed over all processes
@@ -64,10 +65,11 @@ class Config:
     compile_augment: bool = True          # torch.compile the batched crop+flip+normalize into one
                                           # fused kernel (2-core CPU: ~11 s once, ~1 s when cached;
                                           # 1.1-1.4x the eager rate)
-    whole_step: bool = False              # capture forward, backward, SGD (lr from a device table of
-                                          # the schedule) and EMA as one CUDA graph, replayed with one
-                                          # launch per step (fastres/step.py; CPU: same arithmetic,
-                                          # uncaptured; single process only)
+    whole_step: str = "auto"              # auto | on | off: capture forward, backward, SGD (lr from a
+                                          # device table of the schedule) and EMA as one CUDA graph,
+                                          # replayed with one launch per step (fastres/step.py; CPU:
+                                          # same arithmetic, uncaptured; single process only); auto =
+                                          # on for CUDA in one process, off otherwise
     sync_bn: bool = False                 # SyncBatchNorm across processes (distributed runs)
     # --- run -------------------------------------------------------------------------------
     seed: int = 0                         # model init, data order and augmentation
@@ -103,8 +105,11 @@ CHOICES = {
     "amp": ("auto", "on", "off"),
     "compile": ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "schedule": ("cosine_epoch", "cosine_step"),
-    "data_placement": ("stream", "device"),
+    "data_placement": ("auto", "stream", "device"),
+    "whole_step": ("auto", "on", "off"),
 }
+# auto | on | off settings: given as a bool (or a bare --key / --no-key) they mean on / off
+ON_OFF = {k for k, allowed in CHOICES.items() if {"on", "off"} <= set(allowed)}
 
 _TYPES = typing.get_type_hints(Config)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -114,6 +119,8 @@ def parse_value(key: str, raw):
     """Convert `raw` (a string from the command line, or a Python value) to the field's type."""
     typ = _TYPES[key]
     try:
+        if key in ON_OFF and (isinstance(raw, bool) or str(raw).lower() in _TRUE | _FALSE):
+            return "on" if raw is True or str(raw).lower() in _TRUE else "off"
         if typ is bool:
             if isinstance(raw, bool):
                 return raw
@@ -202,7 +209,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             raise ConfigError(f"unexpected argument {a!r}; settings are given as --key value")
         key, _, val = a[2:].partition("=")
         key = key.replace("-", "_")
-        if key not in _TYPES and key.startswith("no_") and _TYPES.get(key[3:]) is bool and not _:
+        if key not in _TYPES and key.startswith("no_") and is_switch(key[3:]) and not _:
             out[key[3:]] = "false"
             i += 1
             continue
@@ -210,7 +217,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             raise unknown_setting(key)
         if not _:
             nxt = args[i + 1] if i + 1 < len(args) else None
-            if _TYPES[key] is bool and (nxt is None or nxt.startswith("--")):
+            if is_switch(key) and (nxt is None or nxt.startswith("--")):
                 val = "true"
             elif nxt is None:
                 raise ConfigError(f"--{key.replace('_', '-')} needs a value")
@@ -221,9 +228,16 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
+def is_switch(key: str) -> bool:
+    """A setting that a bare --key turns on and --no-key off."""
+    return _TYPES.get(key) is bool or key in ON_OFF
+
+
 def from_dict(d: dict) -> Config:
     """Rebuild a Config from to_dict() output (e.g. a checkpoint or record.json)."""
     d = {k: v for k, v in d.items() if k in _TYPES}
+    for k in ON_OFF & d.keys():  # written as true/false before they had an auto
+        d[k] = parse_value(k, d[k])
     if "widths" in d:
         d["widths"] = tuple(d["widths"])
     return validate(Config(**d))

@@ -25,6 +25,7 @@ class Runtime:
     channels_last: bool
     fused_bn_relu: bool
     whole_step: bool = False      # the whole step as one CUDA graph (fastres.step); uncaptured on CPU
+    data_placement: str = "stream"  # stream | device (fastres.data.Batches)
     norm: object = TorchNorm
     summary: dict = field(default_factory=dict)
 
@@ -98,24 +99,54 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
                                          f"which this one {'has' if has_bf16 else 'lacks'})"
                                          if cfg.amp == "auto" else "")
 
+    # The whole step first: compile's auto follows it. Records for the CUDA defaults below:
+    # bench/results/2026-11-26-nvidia-h100-80gb-hbm3.md (the paper run, whole step + resident data,
+    # 3.11 s per epoch, 90.07%) and -bench.md (step images/s), 2026-11-26-nvidia-h200.md.
+    if cfg.whole_step == "on" and world > 1:
+        whole = False
+        s["whole_step"] = "off: requested, but DDP's gradient all-reduce is not captured; the step runs as usual"
+    elif cfg.whole_step == "on" or (cfg.whole_step == "auto" and cuda and world == 1):
+        whole = True
+        s["whole_step"] = ("one CUDA graph per step" if cuda else
+                           "uncaptured: no CUDA, so the same arithmetic runs op by op (for checking it)")
+    else:
+        whole = False
+        s["whole_step"] = "off"
+    if cfg.whole_step == "auto" and cuda:
+        s["whole_step_why"] = ("--whole-step auto: " + ("on" if whole else "off under torchrun (DDP's all-reduce is "
+                               "not captured)") + "; on one CUDA GPU the step as one graph measured 1.27x "
+                               "reduce-overhead's images/s at batch 64 and 1.01x at 512 (H100), and the paper run with it "
+                               "took 3.11 s per epoch and reached 90.07% (H100; reduce-overhead: 7.59 s, 90.09% at 48/50 "
+                               "epochs on an H200), bench/results/2026-11-26-nvidia-h100-80gb-hbm3.md")
+
     if cfg.compile == "auto":
-        # CUDA, one process: reduce-overhead. At batch 64 the step is bound by the host launching
-        # ~1,000 small kernels; replaying them as CUDA graphs measured 2.9x the images/s of
-        # torch.compile's default on an H200 (27 vs 1,033 launches per step; GPU busy 3.9 ms of a
-        # 7.8 ms vs 33.6 ms step; bench/results/2026-11-26-nvidia-h200*.md). Several processes:
-        # default (CUDA graphs around DDP's all-reduce are not measured yet).
+        # CUDA, whole step: default (the model inside the step's own graph; this is the measured
+        # paper run). CUDA, one process, whole step off: reduce-overhead. At batch 64 the step is
+        # bound by the host launching ~1,000 small kernels; replaying them as CUDA graphs measured
+        # 2.9x the images/s of torch.compile's default on an H200 (27 vs 1,033 launches per step;
+        # GPU busy 3.9 ms of a 7.8 ms vs 33.6 ms step; bench/results/2026-11-26-nvidia-h200*.md).
+        # Several processes: default (CUDA graphs around DDP's all-reduce are not measured yet).
         # CPU: eager measured faster than compiled per step on the 2-core reference machine once
         # compile time is counted (bench/ 'step' group); so auto = off there.
-        mode = ("reduce-overhead" if world == 1 else "default") if cuda else None
-        s["compile_why"] = ("--compile auto: reduce-overhead on CUDA (CUDA graphs: 2.9x torch.compile default's "
-                            "images/s at batch 64, NVIDIA H200, bench/results/2026-11-26-nvidia-h200.md; default "
-                            "under torchrun), off on CPU (eager measured faster there)")
+        mode = ("default" if whole or world > 1 else "reduce-overhead") if cuda else None
+        s["compile_why"] = ("--compile auto: on CUDA default inside the whole step's graph (the measured paper run), "
+                            "reduce-overhead without it (CUDA graphs: 2.9x torch.compile default's images/s at batch "
+                            "64, NVIDIA H200, bench/results/2026-11-26-nvidia-h200.md), default under torchrun; off on "
+                            "CPU (eager measured faster there)")
     else:
         mode = None if cfg.compile == "off" else cfg.compile
         s["compile_why"] = f"--compile {cfg.compile}"
     if mode in ("reduce-overhead", "max-autotune") and not cuda:
         s["compile_why"] += "; CUDA graphs need CUDA, so inductor skips them on CPU"
     s["compile"] = mode or "off"
+
+    auto_place = "device" if cuda and world == 1 else "stream"
+    placement = auto_place if cfg.data_placement == "auto" else cfg.data_placement
+    s["data_placement"] = placement
+    if cfg.data_placement == "auto":
+        s["data_placement_why"] = ("--data-placement auto: device on one CUDA GPU (no per-batch host work; the measured "
+                                   "paper run, H100, bench/results/2026-11-26-nvidia-h100-80gb-hbm3.md), stream on CPU "
+                                   "and under torchrun (not measured there yet)")
 
     fused = cfg.fused_bn_relu
     norm = TorchNorm
@@ -144,19 +175,10 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
                 fused = False
             norm = SyncNorm
         s["sync_bn"] = "on" if world > 1 else "off (single process)"
-    whole = cfg.whole_step
-    if whole and world > 1:
-        whole = False
-        s["whole_step"] = "off: requested, but DDP's gradient all-reduce is not captured; the step runs as usual"
-    elif whole:
-        s["whole_step"] = ("one CUDA graph per step" if cuda else
-                           "uncaptured: no CUDA, so the same arithmetic runs op by op (for checking it)")
-    else:
-        s["whole_step"] = "off"
-        if cuda:
-            s["whole_step_why"] = ("off by default: as one CUDA graph the step measured 1.27x reduce-overhead's "
-                                   "images/s at batch 64 (H100, bench/results/2026-11-26-nvidia-h100-80gb-hbm3-bench.md), "
-                                   "but no full training run with it has been recorded yet")
     s["channels_last"] = cfg.channels_last
     s["compile_augment"] = cfg.compile_augment
-    return Runtime(dev, amp, mode, cfg.channels_last, fused, whole, norm, s)
+    if cuda:
+        s["eval_batch_size_why"] = (f"--eval-batch-size {cfg.eval_batch_size}: at 1000, evaluation took 3.1 s of the "
+                                    "H100 paper run's 158 s of training and evaluation (2%), so it is left there; "
+                                    "--loader-workers matters only for the one read of resident data")
+    return Runtime(dev, amp, mode, cfg.channels_last, fused, whole, placement, norm, s)

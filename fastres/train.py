@@ -361,7 +361,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
                       train_limit=cfg.train_limit or None, test_limit=cfg.test_limit or None,
                       channels_last=rt.channels_last, augment=cfg.augment, num_workers=cfg.loader_workers,
                       distributed=dist.world > 1, rank=dist.rank, world=dist.world,
-                      compile_augment=cfg.compile_augment, placement=cfg.data_placement)
+                      compile_augment=cfg.compile_augment, placement=rt.data_placement)
     steps = len(batches)
     if steps == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {batches.num_train} training images")
@@ -397,6 +397,13 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
                 raise ResumeError(f"{ckpt_path}: its config is not valid ({e})") from None
             diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_dict()
                     if k not in RESUME_MAY_DIFFER and getattr(old, k) != getattr(cfg, k)}
+            # The placement decides the batches' order: what it resolved to must match (auto is
+            # device on one GPU and stream on a CPU), however it was asked for
+            placed = ck.get("data_placement", old.data_placement)
+            diff.pop("data_placement", None)
+            if placed != rt.data_placement:
+                diff["data_placement"] = (placed, rt.data_placement if cfg.data_placement != "auto" else
+                                          f"auto, resolved to {rt.data_placement}")
             if diff:
                 raise ResumeError(f"{ckpt_path} was written with other settings: " +
                                   ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items()))
@@ -569,7 +576,8 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
             if dist.main:
                 ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "ema": ema.state_dict(), "ema_updates": ema.updates, "epoch": epoch + 1,
-                      "config": cfg.to_dict(), "history": history, "rng": rng_state()}
+                      "config": cfg.to_dict(), "data_placement": rt.data_placement, "history": history,
+                      "rng": rng_state()}
                 # Serialized in memory first (a few MB), so that a failed write reports the OS's
                 # reason (disk full, file too large) rather than torch's zip writer's.
                 blob = io.BytesIO()

@@ -52,6 +52,22 @@ def test_no_key_turns_a_bool_off():
     assert make_config("paper", parse_overrides(["--augment"])).augment is True
 
 
+def test_auto_on_off_switches_take_bools_and_bare_flags():
+    """--whole-step (auto | on | off): a bare flag means on, --no-KEY off, a bool its on/off; a
+    checkpoint written when it was a bool reads back as on/off."""
+    assert make_config("paper").whole_step == "auto" and make_config("paper").data_placement == "auto"
+    for args, want in [(["--whole-step"], "on"), (["--no-whole-step"], "off"), (["--whole-step", "true"], "on"),
+                       (["--whole-step", "0"], "off"), (["--whole-step", "auto"], "auto"), (["--amp"], "on")]:
+        key = args[0].removeprefix("--").removeprefix("no-").replace("-", "_")
+        assert getattr(make_config("paper", parse_overrides(args)), key) == want, args
+    assert make_config("paper", {"whole_step": True}).whole_step == "on"
+    assert from_dict({**make_config("paper").to_dict(), "whole_step": False}).whole_step == "off"
+    with pytest.raises(ConfigError, match="--whole-step: must be one of auto, on, off"):
+        make_config("paper", parse_overrides(["--whole-step", "sometimes"]))
+    with pytest.raises(ConfigError, match="--data-placement: must be one of auto, stream, device"):
+        make_config("paper", parse_overrides(["--data-placement", "disk"]))
+
+
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         make_config("fast")

@@ -143,18 +143,22 @@ def test_compiled_steps_follow_eager(mode, exact_convs):
             assert torch.equal(state[k], v), k
 
 
-@pytest.mark.parametrize("mode,whole", [("default", False), ("reduce-overhead", False), ("reduce-overhead", True)])
+@pytest.mark.parametrize("mode,whole", [("default", "off"), ("reduce-overhead", "off"), ("reduce-overhead", "on"),
+                                        ("auto", "auto")])
 def test_tiny_run_on_cuda_trains_evaluates_and_resumes(small_data, tmp_path, mode, whole):
+    """Each step mode, and the CUDA defaults (auto: the whole step over resident data, compiled
+    in default mode)."""
     from conftest import run_cli
 
-    extra = ["--whole-step"] if whole else []
+    extra = ["--whole-step", whole]
     r = run_cli("fastres", "train", "--preset", "smoke", "--data", small_data, "--depth", "8", "--epochs", "2",
                 "--train-limit", "2000", "--compile", mode, "--out", tmp_path / "run", *extra, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((tmp_path / "run" / "record.json").read_text())
-    assert rec["status"] == "finished" and rec["switches"]["compile"] == mode
+    assert rec["status"] == "finished" and rec["switches"]["compile"] == ("default" if mode == "auto" else mode)
     assert rec["switches"]["amp"] == "bf16" and rec["environment"]["device"].startswith("cuda")
-    assert rec["switches"]["whole_step"] == ("one CUDA graph per step" if whole else "off")
+    assert rec["switches"]["whole_step"] == ("off" if whole == "off" else "one CUDA graph per step")
+    assert rec["config"]["data_placement"] == rec["switches"]["data_placement"] == "device"  # auto on CUDA
     assert rec["final_test_acc"] > 0.2, rec["epochs"]  # chance is 0.1
     r = run_cli("fastres", "eval", tmp_path / "run" / "last.pt", "--device", "cuda", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

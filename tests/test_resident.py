@@ -111,3 +111,22 @@ def test_a_short_run_learns_as_well_as_streaming(small_data, tmp_path):
         acc[placement] = rec["final_test_acc"]
     assert acc["device"] > 0.25 and abs(acc["device"] - acc["stream"]) < 0.06, acc
     np.testing.assert_array_less(0.25, acc["stream"])
+
+
+def test_resume_keeps_the_placement_the_run_resolved_to(small_data, tmp_path):
+    """A run's batches depend on its placement: a checkpoint made with resident data is not resumed
+    streaming, also when the new run's `auto` would resolve to stream (on a CPU)."""
+    tiny = ["--data", small_data, "--out", tmp_path / "run", "--preset", "smoke", "--depth", "8", "--train-limit",
+            "400", "--test-limit", "100", "--epochs", "1", "--batch-size", "100", "--loader-workers", "2",
+            "--compile-augment", "false"]
+    r = run_cli("fastres", "train", *tiny, "--data-placement", "device")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("fastres", "train", *tiny, "--resume")
+    assert r.returncode == 2 and "--data-placement device (now auto, resolved to stream)" in r.stderr, r.stderr
+    r = run_cli("fastres", "train", *tiny, "--resume", "--data-placement", "stream")
+    assert r.returncode == 2 and "--data-placement device (now stream)" in r.stderr, r.stderr
+    r = run_cli("fastres", "train", *tiny, "--resume", "--data-placement", "device", "--epochs", "2")
+    assert r.returncode != 0 and "--epochs 1 (now 2)" in r.stderr and "placement" not in r.stderr, r.stderr
+    r = run_cli("fastres", "train", *tiny, "--resume", "--data-placement", "device")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "record.json").read_text())["config"]["data_placement"] == "device"

@@ -122,7 +122,7 @@ def test_training_run_with_whole_step_equals_the_usual_step(small_data, tmp_path
             assert b[k] == pytest.approx(a[k], rel=1e-3), (k, a[k], b[k])  # float32 rounding, 20 steps
         assert abs(a["test_acc"] - b["test_acc"]) <= 0.01
     rec = json.loads((tmp_path / "True" / "record.json").read_text())
-    assert rec["config"]["whole_step"] is True
+    assert rec["config"]["whole_step"] == "on"
 
 
 def test_compiled_update_matches_torch_sgd_and_ema():
