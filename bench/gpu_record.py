@@ -93,12 +93,19 @@ def is_record(r) -> bool:
     return isinstance(r, dict) and {"date", "gpu", "train", "benchmarks"} <= r.keys()
 
 
+def run_switches(run: dict) -> dict:
+    """What a run's switches resolved to (`run`: its record.json, or a record's `train`); runs
+    recorded before the switches named the data placement give it in their config."""
+    return {"data_placement": run["config"].get("data_placement", "stream"), **run["switches"]}
+
+
 def step_mode(t: dict) -> str:
     """The compile mode, plus the whole step and device-resident data where the run used them."""
-    parts = [t["switches"]["compile"]]
-    if t["switches"].get("whole_step", "off").startswith("one CUDA graph"):
+    sw = run_switches(t)
+    parts = [sw["compile"]]
+    if sw.get("whole_step", "off").startswith("one CUDA graph"):
         parts.append("whole step")
-    if t["switches"].get("data_placement", t["config"].get("data_placement")) == "device":
+    if sw["data_placement"] == "device":
         parts.append("resident data")
     return " + ".join(parts)
 
@@ -251,10 +258,8 @@ def phase_write(a, work: Path, gpu: str) -> Path:
         lines = [f"# {gpu}, {date}: benchmarks only", "", f"torch {torch_version}; no training run in this record."]
     else:
         lines = [f"# {gpu}, {date}", "", f"torch {torch_version}; preset `{a.preset}`; switches: " +
-                 ", ".join(f"{k} {v}" for k, v in {"data_placement": rec["config"].get("data_placement", "stream"),
-                                                   **rec["switches"]}.items() if k in ("compile", "amp", "fused_bn_relu",
-                                                                                  "channels_last", "whole_step",
-                                                                                  "data_placement"))]
+                 ", ".join(f"{k} {v}" for k, v in run_switches(rec).items()
+                           if k in ("compile", "amp", "fused_bn_relu", "channels_last", "whole_step", "data_placement"))]
     lines += ["", a.note] if a.note else []
     lines += ["", table([result]), "",
               "| group | benchmark | images/s or GB/s | median per step or call |", "| --- | --- | --- | --- |"]

@@ -115,7 +115,7 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
     if cfg.whole_step == "auto" and cuda:
         s["whole_step_why"] = ("--whole-step auto: " + ("on" if whole else "off under torchrun (DDP's all-reduce is "
                                "not captured)") + "; on one CUDA GPU the step as one graph measured 1.27x "
-                               "reduce-overhead's images/s at batch 64 and 1.01x at 512 (H100), and the paper run with it "
+                               "reduce-overhead's images/s at batch 64 and about the same at 512 (H100s), and the paper run with it "
                                "took 3.11 s per epoch and reached 90.07% (H100; reduce-overhead: 7.59 s, 90.09% at 48/50 "
                                "epochs on an H200), bench/results/2026-11-26-nvidia-h100-80gb-hbm3.md")
 
@@ -140,8 +140,7 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
         s["compile_why"] += "; CUDA graphs need CUDA, so inductor skips them on CPU"
     s["compile"] = mode or "off"
 
-    auto_place = "device" if cuda and world == 1 else "stream"
-    placement = auto_place if cfg.data_placement == "auto" else cfg.data_placement
+    placement = cfg.data_placement if cfg.data_placement != "auto" else "device" if cuda and world == 1 else "stream"
     s["data_placement"] = placement
     if cfg.data_placement == "auto":
         s["data_placement_why"] = ("--data-placement auto: device on one CUDA GPU (no per-batch host work; the measured "
