@@ -225,6 +225,10 @@ def phase_write(a, work: Path, gpu: str) -> Path:
                              "(or record the benchmarks alone with --bench-only)")
         rec = json.loads((run / "record.json").read_text())
         done, planned = len(rec["epochs"]), rec["config"]["epochs"]
+        if not rec["epochs"]:  # stopped (or diverged) before its first epoch ended: no figure to record
+            raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} before its "
+                             f"first epoch ended; nothing of it to record: run `train` again (or record the "
+                             "benchmarks alone with --bench-only)")
         if rec["status"] != "finished" and not a.allow_unfinished:
             raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} after "
                              f"{done}/{planned} epochs; run `train` again to resume (or write it as it is with "
@@ -320,4 +324,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastres.errors import cli_main
+
+    sys.exit(cli_main("bench.gpu_record", main))  # a stopped or failed training run: one line, its exit status

@@ -123,6 +123,25 @@ def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
     assert r.returncode != 0 and "different GPUs or torch versions" in r.stderr, r.stderr[-2000:]
 
 
+def test_gpu_record_write_refuses_a_run_stopped_before_its_first_epoch(tmp_path):
+    """A job's time limit can stop the training run inside its first epoch: the run's record then has
+    no epochs (no time, no accuracy), and `write --allow-unfinished` says so instead of a KeyError,
+    writing nothing."""
+    from bench.gpu_record import main
+
+    run = tmp_path / "work" / "train-tuned"
+    run.mkdir(parents=True)
+    # what fastres.train writes when stopped in epoch 1: status, config, switches, no epochs yet
+    (run / "record.json").write_text(json.dumps({
+        "config": {"epochs": 50}, "switches": {"compile": "default"}, "environment": {"torch": "2.11"},
+        "warmup_s": 20.3, "status": "interrupted", "epochs": [], "resumed_at_epoch": 0,
+        "train_s_total": 0, "eval_s_total": 0}))
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit, match="interrupted before its first epoch ended.*--bench-only"):
+        main(["write", "--preset", "tuned", "--allow-unfinished", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_record_table_names_the_whole_step_and_resident_data():
     """The README's table says how each run stepped and where its data lived, not only the compile
     mode (records written before the switches named the placement carry it in their config)."""
