@@ -80,6 +80,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
     dev = resolve_device(cfg.device, local_rank)
     cuda = dev.type == "cuda"
+    one_gpu = cuda and world == 1  # where the auto defaults below were measured
     if not torch.cuda.is_available():
         # inductor imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on
         # every CPU-only machine; nothing here needs the CUDA toolkit, so the warning is noise.
@@ -105,7 +106,7 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
     if cfg.whole_step == "on" and world > 1:
         whole = False
         s["whole_step"] = "off: requested, but DDP's gradient all-reduce is not captured; the step runs as usual"
-    elif cfg.whole_step == "on" or (cfg.whole_step == "auto" and cuda and world == 1):
+    elif cfg.whole_step == "on" or (cfg.whole_step == "auto" and one_gpu):
         whole = True
         s["whole_step"] = ("one CUDA graph per step" if cuda else
                            "uncaptured: no CUDA, so the same arithmetic runs op by op (for checking it)")
@@ -140,7 +141,7 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
         s["compile_why"] += "; CUDA graphs need CUDA, so inductor skips them on CPU"
     s["compile"] = mode or "off"
 
-    placement = cfg.data_placement if cfg.data_placement != "auto" else "device" if cuda and world == 1 else "stream"
+    placement = cfg.data_placement if cfg.data_placement != "auto" else "device" if one_gpu else "stream"
     s["data_placement"] = placement
     if cfg.data_placement == "auto":
         s["data_placement_why"] = ("--data-placement auto: device on one CUDA GPU (no per-batch host work; the measured "
