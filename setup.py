@@ -17,6 +17,7 @@ setup(
         "pillow",  # ffcv imports PIL but does not declare it
         "tqdm",
         "matplotlib",
+        "torchinfo>=1.8",  # fastres summary: the model's layer table, parameters and multiply-adds
     ],
     # tensorboard: optional for users (--tensorboard); the tests read back what it writes.
     # pytest-xdist: the test command runs the tests in 2 processes (`pytest -n 2`).

@@ -54,7 +54,9 @@ def step_under_test(cfg):
     graphs, --whole-step, as the switches say) and a fixed random batch on the device. Dynamo's
     caches are reset first, so each call compiles afresh."""
     from fastres import runtime
-    from fastres.train import EMA, build_model, build_step, make_criterion, peak_lr
+    from fastres.design import build_model
+    from fastres.optim import EMA, make_criterion, peak_lr
+    from fastres.step import build_step
 
     torch._dynamo.reset()
     rt = runtime.resolve(cfg)

@@ -1,4 +1,4 @@
-"""fastres command line: train, eval, sweep. `fastres COMMAND --help` explains each."""
+"""fastres command line: train, eval, summary, sweep, compare. `fastres COMMAND --help` explains each."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,8 @@ examples:
   fastres train --preset paper --lr 0.02 --epochs 30
   fastres train --preset smoke --resume           # continue the run runs/latest points at
   fastres compare runs/smoke/* --png smoke.png    # runs side by side
+  fastres summary --blocks 2,2,2,2 --widths 64,128,256,512 --pool 4   # a design's size before training it
+  fastres train --optimizer adamw --lr 0.002 --weight-decay 0.05 --cutout 16 --max-params 5M
   torchrun --nproc_per_node 4 -m fastres train --preset throughput
 
 exit status: 0 done, 2 bad input or usage, 3 diverged, 4 output cannot be written, 5 run folder in
@@ -54,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="folder with the .beton files (default: the run's)")
     e.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m = sub.add_parser("summary", help="the model's layer table, parameters, multiply-adds and sizes (no data needed)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The model a preset and settings describe, as torchinfo's layer table (layer, "
+                                   "output shape, parameters) for one 32x32 image, with the totals: trainable "
+                                   "parameters, multiply-adds per image, forward/backward activation size and "
+                                   "parameter size in MB. Takes every model setting of 'fastres train' (--blocks, "
+                                   "--widths, --kernel, --stem-kernel, --shortcut-kernel, --pool, --depth).",
+                       epilog="examples:\n"
+                              "  fastres summary --preset paper                 # 1,050,202 parameters\n"
+                              "  fastres summary --blocks 2,2,2,2 --widths 64,128,256,512 --pool 4 --max-params 5M\n\n"
+                              "exit status: 0, or 2 for a bad setting or a model over --max-params (by how much)")
+    m.add_argument("--preset", default="paper", help="named recipe whose model to start from (default: paper)")
+    m.add_argument("--depth-of-table", type=int, default=2, metavar="D",
+                   help="nesting depth of the layer table (1: stages only, 2: blocks, 3: every layer; default 2)")
     s = sub.add_parser("sweep", help="several seeds of a preset; mean and std of accuracy and epoch time",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="Other --key value settings are passed to every run. Runs already finished "
@@ -97,6 +113,11 @@ def main(argv=None) -> int:
                 raise ConfigError(f"unexpected arguments {' '.join(rest)}")
             from .compare import compare
             compare(args.runs, args.png)
+        elif args.command == "summary":
+            from .design import check_budget, summarize, summary_text
+            cfg = make_config(args.preset, parse_overrides(rest))
+            print(summary_text(summarize(cfg, args.depth_of_table), cfg.max_params))
+            check_budget(cfg)  # over --max-params: exit 2, saying by how much
         elif args.command == "sweep":
             from .sweep import sweep
             sweep(args.preset, args.seeds, parse_overrides(rest), args.out)

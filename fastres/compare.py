@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import BadInput
 from .rundir import atomic_write
-from .train import RECORD
+from .record import RECORD
 
 COLUMNS = ("run", "preset", "switches", "device", "epochs", "epoch_s", "train_s", "final_acc", "best_acc")
 

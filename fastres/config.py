@@ -23,14 +23,34 @@ class ConfigError(BadInput):
 @dataclass(frozen=True)
 class Config:
     preset: str = "paper"
-    # --- model -----------------------------------------------------------------------------
-    depth: int = 68                       # layers, 6n+2 (68: n=11 blocks per stage, the paper's)
-    widths: tuple[int, ...] = (16, 32, 64)  # channels of the three stages
+    # --- model (the paper's names: N stages, B_i blocks, C_i channels, F_i, K_i, P) -----------
+    depth: int = 68                       # weighted layers, 2 * sum(blocks) + 2; given alone it is the
+                                          # shorthand for three equal stages, 6n+2 (68 = 11,11,11)
+    blocks: tuple[int, ...] = (11, 11, 11)  # B_i: basic blocks per stage; N = its length, 1 to 5
+                                          # stages (each after the first halves the feature map)
+    widths: tuple[int, ...] = (16, 32, 64)  # C_i: channels per stage, one per stage
+    kernel: tuple[int, ...] = (3,)        # F_i: conv size (px, odd) in each stage's blocks, one for
+                                          # all stages or one per stage; "same" padding
+    stem_kernel: int = 3                  # px, odd: the first convolution (3 -> widths[0] channels)
+    shortcut_kernel: tuple[int, ...] = (1,)  # K_i: conv size (px, odd) of the projection shortcut
+                                          # where a block changes shape, one for all or one per stage
+    pool: int = 0                         # P: average-pool window (px, stride P) before the linear
+                                          # layer; 0 = global average pool
+    max_params: int = 0                   # trainable parameters allowed (5M, 1.05e6 and 1050202 are
+                                          # read); a larger model is refused before any work; 0 = any
     # --- data ------------------------------------------------------------------------------
     data: str = "./data"                  # folder with the .beton files (converted on demand)
     train_limit: int = 0                  # images; 0 = all 50,000, else a class-balanced subset
     test_limit: int = 0                   # images; 0 = all 10,000
     augment: bool = True                  # random crop (pad 4 px) + horizontal flip
+    cutout: int = 0                       # px: side of a square zeroed (after normalization) at a
+                                          # random centre in each training image, clipped at the
+                                          # borders; 0 = off
+    mixup: float = 0.0                    # alpha of Beta(alpha, alpha): each batch blended with
+                                          # itself rolled by one image, targets likewise; 0 = off
+    cutmix: float = 0.0                   # alpha: a box of the rolled batch pasted in, targets mixed
+                                          # by its area; 0 = off (mixup and cutmix: one of the two
+                                          # per batch, at random)
     loader_workers: int = -1              # FFCV decode threads per process; -1 = all cores
     data_placement: str = "auto"          # stream = FFCV reads every epoch; device = both splits read
                                           # once into uint8 tensors on the training device (240 MB
@@ -43,8 +63,13 @@ class Config:
     eval_batch_size: int = 1000           # images per evaluation forward pass
     lr: float = 0.01                      # peak learning rate at batch_size (see lr_ref_batch)
     lr_ref_batch: int = 0                 # images; >0: linear scaling, peak lr = lr * batch_size / lr_ref_batch
+    optimizer: str = "sgd"                # sgd | adam | adamw (AdamW: weight decay decoupled from the
+                                          # gradient, p *= 1 - lr * weight_decay)
     momentum: float = 0.9                 # SGD momentum (heavy ball, or Nesterov below)
-    nesterov: bool = False                # Nesterov momentum
+    nesterov: bool = False                # Nesterov momentum (SGD)
+    betas: tuple[float, ...] = (0.9, 0.999)  # Adam/AdamW: decay per step of the gradient's first and
+                                          # second moment estimates
+    eps: float = 1e-8                     # Adam/AdamW: added to the denominator sqrt(v_hat)
     weight_decay: float = 5e-4            # L2 coefficient (not stated by the paper; common template value)
     no_decay_bn_bias: bool = False        # exclude BN weights/biases and linear bias from weight decay
     schedule: str = "cosine_epoch"        # cosine_epoch = CosineAnnealingLR(T_max=epochs) stepped per epoch;
@@ -107,7 +132,11 @@ CHOICES = {
     "schedule": ("cosine_epoch", "cosine_step"),
     "data_placement": ("auto", "stream", "device"),
     "whole_step": ("auto", "on", "off"),
+    "optimizer": ("sgd", "adam", "adamw"),
 }
+IMAGE_SIZE = 32   # px: CIFAR-10's images, the input every model here is built for
+MAX_STAGES = 5    # the 32 px input halved four times leaves a 2x2 map for the fifth stage
+
 # auto | on | off settings: given as a bool (or a bare --key / --no-key) they mean on / off
 ON_OFF = {k for k, allowed in CHOICES.items() if {"on", "off"} <= set(allowed)}
 
@@ -115,10 +144,22 @@ _TYPES = typing.get_type_hints(Config)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
+def parse_count(raw) -> int:
+    """A parameter count: 1050202, 1.05e6, 5M, 500k, 1_000_000 (M = 10^6, k = 10^3)."""
+    s = str(raw).strip().replace("_", "").replace(",", "")
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(s[-1:].lower(), 1)
+    value = float(s[:-1] if scale != 1 else s) * scale
+    if not value.is_integer():
+        raise ValueError(raw)
+    return int(value)
+
+
 def parse_value(key: str, raw):
     """Convert `raw` (a string from the command line, or a Python value) to the field's type."""
     typ = _TYPES[key]
     try:
+        if key == "max_params":
+            return parse_count(raw)
         if key in ON_OFF and (isinstance(raw, bool) or str(raw).lower() in _TRUE | _FALSE):
             return "on" if raw is True or str(raw).lower() in _TRUE else "off"
         if typ is bool:
@@ -137,14 +178,41 @@ def parse_value(key: str, raw):
         if typ is str:
             return str(raw)
         if typing.get_origin(typ) is tuple:
-            items = raw.split(",") if isinstance(raw, str) else list(raw)
-            return tuple(int(v) for v in items)
+            item = typing.get_args(typ)[0]
+            items = raw.split(",") if isinstance(raw, str) else list(raw) if isinstance(raw, (list, tuple)) else [raw]
+            return tuple(parse_value_item(item, v) for v in items)
     except (ValueError, TypeError):
         pass
     name = getattr(typ, "__name__", str(typ))
     if typing.get_origin(typ) is tuple:
-        name = "comma-separated integers"
+        name = f"comma-separated {typing.get_args(typ)[0].__name__}s"
+    elif key == "max_params":
+        name = "a parameter count (1050202, 1.05e6, 5M)"
     raise ConfigError(f"--{key.replace('_', '-')}: expected {name}, got {raw!r}")
+
+
+def parse_value_item(typ: type, v):
+    if isinstance(v, bool) or (typ is int and isinstance(v, float) and not v.is_integer()):
+        raise ValueError(v)
+    return typ(str(v).strip()) if isinstance(v, str) else typ(v)
+
+
+def equal_blocks(depth: int) -> tuple[int, int, int]:
+    """--depth alone: three equal stages of (depth - 2) / 6 blocks (68 -> 11, 11, 11)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ConfigError(f"--depth: must be 6n+2 with n >= 1 (8, 14, 20, 56, 68, 110, ...) when given alone "
+                          f"(three equal stages); got {depth} (--blocks gives other shapes)")
+    return ((depth - 2) // 6,) * 3
+
+
+def depth_of(blocks) -> int:
+    """Weighted layers of a ResNet with these blocks per stage: the stem, two per block, the linear layer."""
+    return 2 * sum(blocks) + 2
+
+
+def feature_map(n_stages: int) -> int:
+    """px: side of the last stage's feature map (each stage after the first halves it)."""
+    return IMAGE_SIZE >> (n_stages - 1)
 
 
 def validate(cfg: Config) -> Config:
@@ -154,10 +222,44 @@ def validate(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             bad(key, f"must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
-    if cfg.depth < 8 or (cfg.depth - 2) % 6:
-        bad("depth", f"must be 6n+2 with n >= 1 (8, 14, 20, 56, 68, 110, ...); got {cfg.depth}")
-    if len(cfg.widths) != 3 or min(cfg.widths) <= 0:
-        bad("widths", f"must be three positive integers; got {cfg.widths}")
+    # The model: one family, so a bad shape is caught here rather than by a convolution later.
+    n = len(cfg.blocks)
+    if not 1 <= n <= MAX_STAGES:
+        bad("blocks", f"{n} stages: 1 to {MAX_STAGES} are possible (each stage after the first halves the "
+                      f"{IMAGE_SIZE} px input, and a sixth would start from a 1x1 map); got {cfg.blocks}")
+    if min(cfg.blocks) <= 0:
+        bad("blocks", f"every stage needs at least one block; got {cfg.blocks}")
+    if len(cfg.widths) != n:
+        bad("widths", f"one width per stage: --blocks has {n} stages but --widths {len(cfg.widths)} "
+                      f"({cfg.widths}; blocks {cfg.blocks})")
+    if min(cfg.widths) <= 0:
+        bad("widths", f"must be positive; got {cfg.widths}")
+    if cfg.depth != depth_of(cfg.blocks):
+        bad("depth", f"{cfg.depth} disagrees with --blocks {','.join(map(str, cfg.blocks))}, which make "
+                     f"{depth_of(cfg.blocks)} layers (2 per block + 2); give one of the two")
+    for key in ("kernel", "shortcut_kernel"):
+        ks = getattr(cfg, key)
+        if len(ks) not in (1, n):
+            bad(key, f"one size for all stages or one per stage ({n}); got {len(ks)}: {ks}")
+        if any(k <= 0 or k % 2 == 0 for k in ks):
+            bad(key, f"sizes must be odd and positive (same padding keeps the feature maps); got {ks}")
+    if cfg.stem_kernel <= 0 or cfg.stem_kernel % 2 == 0:
+        bad("stem_kernel", f"must be odd and positive; got {cfg.stem_kernel}")
+    side = feature_map(n)
+    if cfg.pool < 0 or cfg.pool > side or (cfg.pool and side % cfg.pool):
+        bad("pool", f"the last stage's map is {side}x{side} px ({n} stages), so the pool must be 0 (global) or "
+                    f"a divisor of {side} up to {side}; got {cfg.pool}")
+    if cfg.max_params < 0:
+        bad("max_params", f"must be >= 0 (0 = no limit); got {cfg.max_params}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        bad("betas", f"two decay rates in [0, 1), e.g. 0.9,0.999; got {cfg.betas}")
+    if not cfg.eps > 0:
+        bad("eps", f"must be > 0; got {cfg.eps}")
+    if cfg.cutout < 0 or cfg.cutout > IMAGE_SIZE:
+        bad("cutout", f"a square side in px from 0 (off) to {IMAGE_SIZE}; got {cfg.cutout}")
+    for key in ("mixup", "cutmix"):
+        if not getattr(cfg, key) >= 0:
+            bad(key, f"alpha must be >= 0 (0 = off); got {getattr(cfg, key)}")
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(cfg, key) <= 0:
             bad(key, f"must be > 0; got {getattr(cfg, key)}")
@@ -171,6 +273,8 @@ def validate(cfg: Config) -> Config:
             bad(key, f"must be in [0, 1); got {getattr(cfg, key)}")
     if cfg.nesterov and cfg.momentum == 0:
         bad("nesterov", "needs momentum > 0")
+    if cfg.nesterov and cfg.optimizer != "sgd":
+        bad("nesterov", f"is SGD's; --optimizer {cfg.optimizer} has its own momentum (--betas)")
     if cfg.warmup_epochs > cfg.epochs:
         bad("warmup_epochs", f"({cfg.warmup_epochs}) exceeds --epochs ({cfg.epochs})")
     return cfg
@@ -179,13 +283,27 @@ def validate(cfg: Config) -> Config:
 def make_config(preset: str = "paper", overrides: dict | None = None) -> Config:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = {"preset": preset, **PRESETS[preset]}
+    values = {"preset": preset}
+    given = {}
     for key, raw in (overrides or {}).items():
         key = key.replace("-", "_")
         if key not in _TYPES or key == "preset":
             raise unknown_setting(key)
-        values[key] = parse_value(key, raw)
+        given[key] = parse_value(key, raw)
+    for layer in (PRESETS[preset], given):  # the overrides' model shape replaces the preset's
+        values.update(layer)
+        values.update(_shape(layer))
     return validate(Config(**values))
+
+
+def _shape(layer: dict) -> dict:
+    """depth and blocks as one layer of settings (a preset, the overrides) gives them: depth alone
+    means three equal stages, blocks alone fix the depth, both must agree (checked by validate)."""
+    if "blocks" in layer and "depth" not in layer:
+        return {"depth": depth_of(layer["blocks"])}
+    if "depth" in layer and "blocks" not in layer:
+        return {"blocks": equal_blocks(layer["depth"])}
+    return {}
 
 
 def unknown_setting(key: str) -> ConfigError:
@@ -238,8 +356,10 @@ def from_dict(d: dict) -> Config:
     d = {k: v for k, v in d.items() if k in _TYPES}
     for k in ON_OFF & d.keys():  # written as true/false before they had an auto
         d[k] = parse_value(k, d[k])
-    if "widths" in d:
-        d["widths"] = tuple(d["widths"])
+    for k in d:
+        if typing.get_origin(_TYPES[k]) is tuple:
+            d[k] = tuple(d[k])
+    d.update(_shape(d))  # written before --blocks existed: depth alone, three equal stages
     return validate(Config(**d))
 
 

@@ -1,5 +1,6 @@
 """Data: FFCV loaders that deliver uint8 batches on the training device, and the batched
-augmentation (random crop with zero padding, horizontal flip, normalization) that runs there.
+augmentation that runs there: random crop with zero padding, horizontal flip, normalization, and
+optionally cutout, mixup and cutmix.
 
 No per-image Python runs after decoding: FFCV's compiled pipeline fills a uint8 NHWC batch,
 and `augment`/`normalize` are a handful of whole-batch tensor ops, identical on CPU and CUDA.
@@ -20,6 +21,17 @@ def has_data(data_dir: str | os.PathLike) -> bool:
     """Any of the converted files is there (whether they are sound is verify's business)."""
     d = Path(data_dir)
     return any((d / f).exists() for f in (TRAIN_FILE, TEST_FILE, MANIFEST_FILE))
+
+
+def ensure_data(cfg, dist, log=print) -> None:
+    """Convert CIFAR-10 into cfg.data (from $FASTRES_CIFAR10 or the torchvision download, into
+    cfg.data/downloads) when none of its files are there; files that are there are verified by
+    Batches and never silently rebuilt."""
+    if dist.main and not has_data(cfg.data):
+        from data_prep.cli import prepare
+        log(f"no .beton files in {cfg.data}: converting CIFAR-10 first")
+        prepare(None, cfg.data)
+    dist.barrier()
 
 
 def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: int = 0,
@@ -136,6 +148,57 @@ def gather_augment_normalize(padded, index, dy, dx, mirrored, mean, std, dtype: 
     return normalize(crop_flip_from(padded, index, dy, dx, mirrored, pad), mean, std, dtype, channels_last)
 
 
+def sample_cutout(n: int, generator: torch.Generator, image: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image square centres cy, cx, uniform over the image's pixels (int64 (N, 1))."""
+    dev = generator.device
+    cy = torch.randint(0, image, (n, 1), device=dev, generator=generator)
+    cx = torch.randint(0, image, (n, 1), device=dev, generator=generator)
+    return cy, cx
+
+
+def cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int) -> torch.Tensor:
+    """Cutout (DeVries and Taylor 2017): in each image of x (N, C, H, W, normalized), zero the
+    size x size square with rows cy - size//2 ... cy - size//2 + size - 1 (columns likewise),
+    clipped at the borders; zero is the mean pixel after normalization. x's memory format is kept."""
+    h, w = x.shape[-2:]
+    lo_y, lo_x = cy - size // 2, cx - size // 2
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    in_rows = (rows >= lo_y) & (rows < lo_y + size)  # (N, H)
+    in_cols = (cols >= lo_x) & (cols < lo_x + size)  # (N, W)
+    # clone keeps x's memory format (an out-of-place masked_fill would return NCHW)
+    return x.clone().masked_fill_((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
+
+
+class Regularize:
+    """What a training batch goes through after crop, flip and normalization: cutout (its centres
+    from the epoch's generator, after the crop's draws) and mixup / cutmix (torchvision.transforms.v2's
+    MixUp and CutMix: one Beta(alpha, alpha) coefficient per batch, the batch paired with itself
+    rolled by one; with both, one of the two per batch at random). The targets become (N, classes)
+    probabilities. v2 draws from torch's global generator, so each batch's draw runs under a
+    generator seeded from (seed, epoch, step) and the global state is left as it was: a seed
+    reproduces its batches and a resumed run draws what an uninterrupted one would. All off: the
+    batch passes unchanged."""
+
+    def __init__(self, seed: int, cutout_px: int = 0, mixup: float = 0.0, cutmix: float = 0.0, num_classes: int = 10):
+        self.seed, self.cutout_px = seed, cutout_px
+        mixes = []
+        if mixup or cutmix:
+            from torchvision.transforms import v2
+            mixes = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
+                    ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
+        self.mix = None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+    def __call__(self, x, y, generator: torch.Generator, epoch: int, step: int):
+        if self.cutout_px:
+            x = cutout(x, *sample_cutout(x.shape[0], generator, x.shape[-1]), self.cutout_px)
+        if self.mix is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, step, 2]).generate_state(1)[0]))
+                x, y = self.mix(x, y)
+        return x, y
+
+
 def read_all(path, device: torch.device, limit: int | None = None, shard: tuple[int, int] = (0, 1),
              num_workers: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image (uint8 (N, 32, 32, 3)) and label (int64 (N,)) of a .beton, in file order (with
@@ -166,7 +229,7 @@ class Batches:
                  train_limit: int | None = None, test_limit: int | None = None, dtype=torch.float32,
                  channels_last: bool = True, augment: bool = True, num_workers: int = -1,
                  distributed: bool = False, rank: int = 0, world: int = 1, compile_augment: bool = False,
-                 placement: str = "stream"):
+                 placement: str = "stream", cutout: int = 0, mixup: float = 0.0, cutmix: float = 0.0):
         d = Path(data_dir)
         # Sizes, image and label counts and SHA-256 of both files against the manifest, before
         # FFCV maps them: a damaged file is one clear message, not an error from inside FFCV.
@@ -175,6 +238,7 @@ class Batches:
         self.channels_last, self.do_augment = channels_last, augment
         self.batch_size, self.eval_batch_size, self.rank, self.world = batch_size, eval_batch_size, rank, world
         self.placement = placement
+        self.regularize = Regularize(seed, cutout, mixup, cutmix)
         self.mean = torch.tensor(self.manifest["mean"], dtype=torch.float32, device=device)
         self.std = torch.tensor(self.manifest["std"], dtype=torch.float32, device=device)
         if placement == "device":
@@ -248,6 +312,11 @@ class Batches:
 
     def train_epoch(self, epoch: int):
         g = self.epoch_generator(epoch)
+        for step, (x, y) in enumerate(self._augmented(epoch, g)):
+            yield self.regularize(x, y, g, epoch, step)
+
+    def _augmented(self, epoch: int, g: torch.Generator):
+        """Epoch `epoch`'s batches cropped, flipped (their draws from g) and normalized."""
         if self.placement == "device" and self.do_augment:
             for idx in self._resident_batches(epoch):
                 x = self.prepare(self.train_padded, idx, *sample_crop_flip(idx.shape[0], g), self.mean, self.std,

@@ -1,15 +1,40 @@
-"""`fastres eval CHECKPOINT`: test accuracy of a saved model (optionally with flip TTA)."""
+"""Test accuracy: evaluate() for a model during training, and `fastres eval CHECKPOINT` for a
+saved one (optionally with flip TTA)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from . import runtime
 from .config import from_dict
-from .data import Batches
+from .data import Batches, ensure_data
+from .design import build_model
 from .distributed import Dist
 from .errors import BadInput
 from .rundir import check_weights, load_checkpoint
-from .train import build_model, ensure_data, evaluate
+
+
+@torch.no_grad()
+def evaluate(model, batches, rt: runtime.Runtime, tta: bool, dist: Dist) -> tuple[float, float, int]:
+    """(mean loss, accuracy, images evaluated) on the test set, summed over all ranks; with tta,
+    on the mean logits of image and mirror."""
+    model.eval()
+    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    correct = torch.zeros((), device=rt.device, dtype=torch.int64)
+    count = torch.zeros((), device=rt.device, dtype=torch.int64)
+    for x, y in batches.test():
+        with rt.autocast():
+            logits = model(x).float()
+            if tta:
+                logits = 0.5 * (logits + model(x.flip(3)).float())
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        count += y.numel()
+    dist.sum(loss_sum), dist.sum(correct), dist.sum(count)
+    return loss_sum.item() / count.item(), correct.item() / count.item(), count.item()
+
 
 
 def evaluate_checkpoint(path, data=None, tta=False, device="auto", log=print) -> dict:

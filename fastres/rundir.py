@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import re
 import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import BadInput, OutputError, RunInUse, describe_os_error
@@ -201,7 +203,7 @@ def check_weights(path: Path, state_dict, model: torch.nn.Module) -> None:
     if got != want:
         diff = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
         raise BadInput(f"{path}: its weights do not fit this model ({len(diff)} tensors differ, e.g. "
-                       f"{diff[0]}); it was written for another --depth/--widths, or is damaged")
+                       f"{diff[0]}); it was written for another model (--blocks, --widths, --kernel, ...), or is damaged")
 
 
 class StopRequest:
@@ -230,3 +232,17 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def rng_state() -> dict:
+    """Every RNG a run draws from (torch, numpy, Python, CUDA), for its checkpoint."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"].cpu())
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])

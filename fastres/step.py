@@ -1,17 +1,17 @@
-"""The whole training step as one CUDA graph (`--whole-step`).
+"""The training steps: TrainStep (the usual one) and WholeStep (`--whole-step`, one CUDA graph).
 
 At batch 64 a ResNet-68 step is ~1,080 small kernels. Launching them one by one from Python
 keeps the GPU busy 12% of the time (torch.compile default); `reduce-overhead` replays the
-forward and backward as CUDA graphs (50%), but the SGD update, the learning-rate schedule and the
-EMA still run from the host between replays (bench/results/2026-11-26-nvidia-h200-profile.md).
+forward and backward as CUDA graphs (50%), but the optimizer update, the learning-rate schedule
+and the EMA still run from the host between replays (bench/results/2026-11-26-nvidia-h200-profile.md).
 WholeStep captures everything a step does into one graph, replayed with one launch:
 
   forward + loss (bf16 autocast)   the model, compiled without CUDA graphs of its own
   backward                         gradients land in tensors the graph owns
-  SGD                              weight decay, momentum (heavy ball or Nesterov) and the update,
-                                   as foreach ops; the lr is read from a device table of the
-                                   run's whole schedule at a step counter the graph advances, so
-                                   a per-step schedule needs no recapture
+  SGD, Adam or AdamW               torch.optim's update written as foreach ops, with the lr read
+                                   from a device table of the run's whole schedule at a step
+                                   counter the graph advances (Adam's bias corrections from the
+                                   same counter), so a per-step schedule needs no recapture
   EMA                              decay min(d, (1+n)/(10+n)) from a device update counter
   metrics                          the epoch's loss and correct-prediction sums
 
@@ -19,15 +19,17 @@ Host work per step: copying the batch into the graph's input tensors, one replay
 schedule's and EMA's host counters (Python integers, for checkpoints and the console table).
 
 The same arithmetic runs uncaptured on a CPU (or with capture off), which is how the tests check
-it against torch.optim.SGD + LambdaLR + fastres.train.EMA. torch's own SGD cannot be captured
-with a schedule: with an lr tensor it reads the value back to the host (alpha=-lr).
+it against torch.optim's SGD / Adam / AdamW + LambdaLR + fastres.optim.EMA. torch's own optimizers
+cannot be captured with a schedule: with an lr tensor they read the value back to the host.
 
-Checkpoints are unchanged: the momentum buffers the graph updates are the optimizer's own
-state tensors, and `after_load()` copies loaded state back into them (a load replaces tensors).
+Checkpoints are unchanged: the momentum and moment buffers the graph updates are the optimizer's
+own state tensors, and `after_load()` copies loaded state back into them (a load replaces tensors).
 """
 from __future__ import annotations
 
 import torch
+
+from .optim import lr_factor, peak_lr
 
 
 def sgd_update(params, grads, bufs, lr, wd: float, mom: float, nesterov: bool):
@@ -42,8 +44,30 @@ def sgd_update(params, grads, bufs, lr, wd: float, mom: float, nesterov: bool):
     torch._foreach_add_(params, torch._foreach_mul(d_p, -lr))
 
 
+def adam_update(params, grads, exp_avgs, exp_avg_sqs, lr, t, wd: float, beta1: float, beta2: float, eps: float,
+                decoupled: bool):
+    """torch.optim.Adam's update (AdamW's with decoupled=True; no amsgrad) with lr and the step
+    number t (1 at the first step) as 0-d float64 device tensors:
+    p *= 1 - lr * wd (AdamW) or g += wd * p (Adam);  m = lerp(m, g, 1 - b1);  v = b2 v + (1 - b2) g^2;
+    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
+    if wd and decoupled:
+        torch._foreach_mul_(params, 1 - lr * wd)
+    elif wd:
+        grads = torch._foreach_add(grads, params, alpha=wd)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    step_size = lr / (1 - beta1 ** t)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, torch.sqrt(1 - beta2 ** t))
+    torch._foreach_add_(denom, eps)
+    upd = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(upd, -step_size)
+    torch._foreach_add_(params, upd)
+
+
 def ema_update(ema_p, src_p, ema_b, src_b, n, decay):
-    """fastres.train.EMA.update with the update count n and the decay as 0-d device tensors:
+    """fastres.optim.EMA.update with the update count n and the decay as 0-d device tensors:
     ema += (1 - min(decay, (1 + n) / (10 + n))) * (src - ema); buffers copied. The caller
     advances n (compiled by torch 2.11, an `n += 1` in here gave wrong EMA weights)."""
     w = 1 - torch.minimum((1 + n) / (10 + n), decay)
@@ -55,7 +79,7 @@ def ema_update(ema_p, src_p, ema_b, src_b, n, decay):
 
 class EpochSums:
     """The epoch's summed loss and correct predictions, kept on the device by a training step
-    (fastres.train.TrainStep, WholeStep): the loop zeroes them with reset() at an epoch's start
+    (TrainStep, WholeStep): the loop zeroes them with reset() at an epoch's start
     and reads them only every 25 steps (the non-finite check) and at the epoch's end, so no step
     waits for the host."""
 
@@ -67,14 +91,17 @@ class EpochSums:
         self.loss_sum.zero_(), self.correct.zero_()
 
     def count(self, loss, logits, y):
-        self.loss_sum += loss * y.numel()
-        self.correct += (logits.argmax(1) == y).sum()
+        """y: labels (N,), or mixed targets (N, classes) under mixup/cutmix, where a prediction
+        counts as correct when it names the target's largest share."""
+        label = y if y.ndim == 1 else y.argmax(1)
+        self.loss_sum += loss * label.numel()
+        self.correct += (logits.argmax(1) == label).sum()
 
 
 class WholeStep(EpochSums):
     """step(x, y) -> (loss, logits): the step's outputs, valid until the next call (graph-owned)."""
 
-    def __init__(self, model, opt: torch.optim.SGD, sched, ema, criterion, rt, lr_table: list[float],
+    def __init__(self, model, opt: torch.optim.Optimizer, sched, ema, criterion, rt, lr_table: list[float],
                  capture: bool):
         self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
         dev = rt.device
@@ -85,25 +112,45 @@ class WholeStep(EpochSums):
         self.ema_n = torch.zeros((), dtype=torch.float64, device=dev)  # EMA updates made
         self.ema_decay = torch.tensor(float(ema.decay), dtype=torch.float64, device=dev)  # made here: no
         # host-to-device copy in the graph; float64 as the host's EMA computes its decay
+        # Adam's per-parameter 'step' in the optimizer's state (checkpoints, and torch's Adam after a
+        # resume without the whole step): float32 counters as torch keeps them, one per parameter
+        # (torch's Adam advances each in place), advanced by the graph
+        self.opt_steps = []
         super().__init__(dev)
-        self.groups = []
-        for g in opt.param_groups:
-            if g.get("dampening", 0) != 0:
-                raise ValueError("WholeStep implements SGD without dampening (as fastres configures it)")
-            params = [p for p in g["params"] if p.requires_grad]
-            bufs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-            self.groups.append({"params": params, "bufs": bufs, "wd": g["weight_decay"], "mom": g["momentum"],
-                                "nesterov": g["nesterov"]})
         # With compilation on, the update and the EMA are compiled too: each becomes a few fused
         # passes over the weights instead of one foreach pass per operation.
         compiled = rt.compile_mode is not None
-        self.sgd = torch.compile(sgd_update, dynamic=False) if compiled else sgd_update
-        self.ema_update = torch.compile(ema_update, dynamic=False) if compiled else ema_update
+        compile_fn = (lambda f: torch.compile(f, dynamic=False)) if compiled else (lambda f: f)
+        self.ema_update = compile_fn(ema_update)
+        self.updates = [self._group_update(g, compile_fn) for g in opt.param_groups]
         self.graph, self.static = None, None
         # The update is ours, so opt.step() never runs; LambdaLR would then warn on every run that
         # its step came before the optimizer's. This is the flag its wrapper of opt.step sets.
         opt._opt_called = True
         self.after_load()
+
+    def _group_update(self, g: dict, compile_fn) -> dict:
+        """One parameter group: its update (params, lr, t) and the state tensors it owns, by the
+        names torch.optim keeps them under."""
+        params = [p for p in g["params"] if p.requires_grad]
+        new = lambda: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        grads = lambda: [p.grad for p in params]
+        if isinstance(self.opt, torch.optim.SGD):
+            if g.get("dampening", 0) != 0:
+                raise ValueError("WholeStep implements SGD without dampening (as fastres configures it)")
+            update, bufs = compile_fn(sgd_update), new()
+            state = {"momentum_buffer": bufs} if g["momentum"] else {}
+            fn = lambda lr, t: update(params, grads(), bufs, lr, g["weight_decay"], g["momentum"], g["nesterov"])
+        elif isinstance(self.opt, torch.optim.Adam):  # AdamW too (its subclass)
+            if g.get("amsgrad") or g.get("maximize"):
+                raise ValueError("WholeStep implements Adam without amsgrad or maximize (as fastres configures it)")
+            update, m, v = compile_fn(adam_update), new(), new()
+            state = {"exp_avg": m, "exp_avg_sq": v}
+            fn = lambda lr, t: update(params, grads(), m, v, lr, t, g["weight_decay"], *g["betas"], g["eps"],
+                                      g["decoupled_weight_decay"])
+        else:
+            raise ValueError(f"WholeStep has no update for {type(self.opt).__name__}")
+        return {"params": params, "state": state, "fn": fn, "update": update, "adam": "exp_avg" in state}
 
     # --- the step's arithmetic, captured or not --------------------------------------------------
     def _body(self, x, y):
@@ -115,9 +162,12 @@ class WholeStep(EpochSums):
         with torch.no_grad():
             # index_select, not lrs[t]: indexing with a tensor may read it back to the host
             lr = self.lrs.index_select(0, self.step_t.clamp(max=len(self.lrs) - 1).view(1)).squeeze()
-            for g in self.groups:
-                self.sgd(g["params"], [p.grad for p in g["params"]], g["bufs"], lr, g["wd"], g["mom"], g["nesterov"])
+            t = (self.step_t + 1).double()  # this step's number, from 1 (Adam's bias corrections)
+            for u in self.updates:
+                u["fn"](lr, t)
             self.step_t += 1
+            if self.opt_steps:
+                torch._foreach_add_(self.opt_steps, 1.0)
             if self.ema.decay > 0:
                 self.ema_update(self.ema._ema_p, self.ema._src_p, self.ema._ema_b, self.ema._src_b, self.ema_n,
                                 self.ema_decay)
@@ -160,18 +210,27 @@ class WholeStep(EpochSums):
     @torch.no_grad()
     def after_load(self):
         """After the optimizer, scheduler or EMA state was loaded (or restored after warm-up):
-        copy the momentum buffers into the graph's tensors, point the optimizer's state at them,
-        and set the device counters from the host ones."""
-        for g in self.groups:
-            for p, buf in zip(g["params"], g["bufs"]):
-                loaded = self.opt.state.get(p, {}).get("momentum_buffer")
-                if loaded is None:
-                    buf.zero_()  # no step taken yet: torch's first step sets buf = d_p, as 0 * m + d_p does
-                elif loaded is not buf:
-                    buf.copy_(loaded)
-                if g["mom"]:
-                    self.opt.state[p]["momentum_buffer"] = buf
+        copy the momentum / moment buffers into the graph's tensors, point the optimizer's state
+        at them, and set the device counters from the host ones."""
+        for u in self.updates:
+            for i, p in enumerate(u["params"]):
+                for name, bufs in u["state"].items():
+                    loaded = self.opt.state.get(p, {}).get(name)
+                    if loaded is None:
+                        bufs[i].zero_()  # no step taken yet: torch's first step starts from zeros too
+                    elif loaded is not bufs[i]:
+                        bufs[i].copy_(loaded)
+                    self.opt.state[p][name] = bufs[i]
         self.step_t.fill_(self.sched.last_epoch)  # LambdaLR counts steps in last_epoch
+        if not self.opt_steps:
+            self.opt_steps = [torch.zeros((), dtype=torch.float32, device=self.step_t.device)
+                              for u in self.updates if u["adam"] for _ in u["params"]]
+        steps = iter(self.opt_steps)
+        for u in self.updates:
+            for p in u["params"] if u["adam"] else ():
+                self.opt.state[p]["step"] = next(steps)
+        for t in self.opt_steps:
+            t.fill_(self.sched.last_epoch)  # Adam's steps taken: the schedule's, by construction
         self.ema_n.fill_(self.ema.updates)
 
 
@@ -181,3 +240,41 @@ def make_whole_step(model, opt, sched, ema, criterion, rt, lr_factor, peak_lr: f
     captured on CUDA."""
     table = [peak_lr * lr_factor(s) for s in range(total_steps + 1)]
     return WholeStep(model, opt, sched, ema, criterion, rt, table, capture=True)
+
+
+class TrainStep(EpochSums):
+    """step(x, y) -> (loss, logits), detached: one optimizer step on a batch, its loss and
+    correct predictions added to the epoch's device-side sums (EpochSums). WholeStep has the same
+    interface."""
+
+    def __init__(self, model, opt, sched, ema, criterion, rt):
+        super().__init__(rt.device)
+        self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
+        self.step_begin = rt.step_begin
+
+    def after_load(self):
+        """WholeStep re-syncs its device copies of the state here; this step holds none."""
+
+    def __call__(self, x, y):
+        self.step_begin()
+        with self.rt.autocast():
+            logits = self.model(x)
+            loss = self.criterion(logits, y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.ema.update()
+        loss, logits = loss.detach(), logits.detach()
+        self.count(loss, logits, y)
+        return loss, logits
+
+
+def build_step(cfg, rt, model, train_model, opt, sched, ema, criterion, steps_per_epoch: int):
+    """The training step: with --whole-step, forward, backward, the optimizer and EMA as one CUDA
+    graph (WholeStep, over `model` compiled without CUDA graphs of its own); else the usual step
+    over `train_model` (compiled or not, DDP-wrapped under torchrun)."""
+    if rt.whole_step:
+        return make_whole_step(rt.compile_in_graph(model), opt, sched, ema, criterion, rt,
+                               lr_factor(cfg, steps_per_epoch), peak_lr(cfg), cfg.epochs * steps_per_epoch)
+    return TrainStep(train_model, opt, sched, ema, criterion, rt)

@@ -11,7 +11,8 @@ import statistics
 from pathlib import Path
 
 from .config import from_dict, make_config
-from .train import CHECKPOINT, RECORD, train
+from .record import CHECKPOINT, RECORD
+from .train import train
 
 
 def summarize(records: list[dict]) -> dict:

@@ -4,7 +4,8 @@
 
 1. resolve the performance switches once (runtime.py) and join torchrun's group if launched by it
 2. make sure the .beton files exist (converting on demand), build loaders + on-device augmentation
-3. build ResNet, SGD, the per-step lr schedule and the (optional) weight EMA
+3. build the ResNet of the config's design (refused first if over --max-params), the optimizer
+   (SGD, Adam or AdamW), the per-step lr schedule and the (optional) weight EMA
 4. warm up (compilation, cuDNN autotuning) on random data, timed apart, then restore the state
 5. resume from RUN_DIR/last.pt if asked
 6. per epoch: train (progress bar), evaluate, print a table row, write record.json, curves.png
@@ -18,38 +19,32 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import csv
-import importlib.metadata
 import io
 import json
-import math
-import os
-import platform
-import random
 import signal
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import runtime
 from .config import Config, from_dict
-from .data import Batches, has_data
+from .data import Batches, ensure_data
+from .design import build_model, check_budget, describe_model, summarize
 from .distributed import Dist
 from .errors import BadInput, Diverged, Interrupted, OutputError
-from .model import count_params, resnet
+from .evaluate import evaluate
+from .optim import EMA, lr_factor, make_criterion, make_optimizer
 from .progress import Progress, duration
+from .record import CHECKPOINT, CURVES, METRICS_CSV, RECORD, TensorBoard, environment, plot_curves, write_metrics_csv
 from .rundir import (RunLock, StopRequest, atomic_write, latest_run, link_latest, load_checkpoint, new_run_dir,
-                     prepare_out, remove_stale_temporaries)
-from .step import EpochSums, make_whole_step
+                     prepare_out, remove_stale_temporaries, rng_state, set_rng_state)
+from .step import build_step
 
-CHECKPOINT, RECORD, CURVES, METRICS_CSV = "last.pt", "record.json", "curves.png", "metrics.csv"
 # Settings a resumed run may change: they move files or threads around, not the arithmetic.
-RESUME_MAY_DIFFER = {"out", "data", "loader_workers", "device", "eval_batch_size", "progress_s", "tensorboard"}
+RESUME_MAY_DIFFER = {"out", "data", "loader_workers", "device", "eval_batch_size", "progress_s", "tensorboard",
+                     "max_params"}
 
 
 class NonFiniteLoss(Diverged):
@@ -58,257 +53,6 @@ class NonFiniteLoss(Diverged):
 
 class ResumeError(BadInput):
     pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces the loop uses: schedule, parameter groups, EMA, evaluation, checkpoint I/O
-# ---------------------------------------------------------------------------------------------
-def peak_lr(cfg: Config) -> float:
-    """Peak lr: cfg.lr, scaled linearly by batch_size / lr_ref_batch when lr_ref_batch > 0."""
-    return cfg.lr * (cfg.batch_size / cfg.lr_ref_batch if cfg.lr_ref_batch else 1.0)
-
-
-def lr_factor(cfg: Config, steps_per_epoch: int):
-    """Multiplier of the peak lr at optimizer step s (0-based), for LambdaLR stepped every step.
-
-    Linear warm-up over warmup_epochs, then cosine to 0. 'cosine_epoch' holds the lr constant
-    within an epoch, exactly like CosineAnnealingLR(T_max=epochs) stepped once per epoch.
-    """
-    warm = round(cfg.warmup_epochs * steps_per_epoch)
-    total = cfg.epochs * steps_per_epoch
-
-    def f(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        if cfg.schedule == "cosine_epoch":
-            return 0.5 * (1 + math.cos(math.pi * (s // steps_per_epoch) / cfg.epochs))
-        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
-
-    return f
-
-
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """With no_decay_bn_bias, 1-D parameters (BN weight/bias, linear bias) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not cfg.no_decay_bn_bias:
-        return [{"params": params, "weight_decay": cfg.weight_decay}]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-
-
-def make_criterion(cfg: Config) -> torch.nn.Module:
-    """Cross-entropy; label_smoothing moves that much probability mass to a uniform target."""
-    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-
-class EMA:
-    """Exponential moving average of the weights (buffers copied), used for evaluation.
-
-    The decay warms up with the number of updates n: min(decay, (1 + n) / (10 + n)), as the common
-    implementations do (TensorFlow's num_updates, timm), so that a short run's EMA is an average
-    of its recent weights rather than of the initial ones (decay 0.999 alone keeps 85% of the
-    initial weights after 156 steps). `updates` goes into the checkpoint. decay 0 makes it a
-    no-op whose `.model` is the trained model itself.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.source, self.updates = decay, model, 0
-        self.model = model
-        if decay > 0:
-            self.model = copy.deepcopy(model).eval().requires_grad_(False)
-            self._ema_p = list(self.model.parameters())
-            self._src_p = list(model.parameters())
-            self._ema_b, self._src_b = list(self.model.buffers()), list(model.buffers())
-
-    def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
-
-    @torch.no_grad()
-    def update(self):
-        if self.decay > 0:
-            torch._foreach_lerp_(self._ema_p, self._src_p, 1 - self.current_decay())
-            self.updates += 1
-            for e, s in zip(self._ema_b, self._src_b):
-                e.copy_(s)
-
-    def state_dict(self):
-        return self.model.state_dict() if self.decay > 0 else None
-
-    def load_state_dict(self, sd):
-        if self.decay > 0:
-            self.model.load_state_dict(sd)
-
-
-@torch.no_grad()
-def evaluate(model, batches, rt: runtime.Runtime, tta: bool, dist: Dist) -> tuple[float, float, int]:
-    """(mean loss, accuracy, images evaluated) on the test set, summed over all ranks; with tta,
-    on the mean logits of image and mirror."""
-    model.eval()
-    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-    correct = torch.zeros((), device=rt.device, dtype=torch.int64)
-    count = torch.zeros((), device=rt.device, dtype=torch.int64)
-    for x, y in batches.test():
-        with rt.autocast():
-            logits = model(x).float()
-            if tta:
-                logits = 0.5 * (logits + model(x.flip(3)).float())
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        count += y.numel()
-    dist.sum(loss_sum), dist.sum(correct), dist.sum(count)
-    return loss_sum.item() / count.item(), correct.item() / count.item(), count.item()
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"].cpu())
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
-
-
-def environment(rt: runtime.Runtime) -> dict:
-    def version(dist_name):  # the installed distribution's version (ffcv's __version__ is stale)
-        try:
-            return importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    # FASTRES_GIT_COMMIT names the commit of a copied tree whose .git is absent or stale (a tree
-    # copied to an offline machine); otherwise git says.
-    commit = os.environ.get("FASTRES_GIT_COMMIT")
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                          capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        commit = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
-            "ffcv": version("ffcv"), "numpy": version("numpy"), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(rt.device), "device_name": rt.summary.get("device_name", platform.processor() or "cpu"),
-            "git_commit": commit}
-
-
-def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    a1.plot(ep, [h["test_loss"] for h in history], "s-", label="test")
-    a1.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
-    a2.plot(ep, [100 * h["train_acc"] for h in history], "o-", label="train")
-    a2.plot(ep, [100 * h["test_acc"] for h in history], "s-", label="test")
-    a2.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-        a.legend()
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-
-
-METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_s", "eval_s", "images_per_s")
-
-
-def write_metrics_csv(history: list[dict], path: Path) -> None:
-    """One row per epoch: the columns of the console table, with eval seconds (accuracies as fractions)."""
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRICS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(history)
-    atomic_write(path, write)
-
-
-class TensorBoard:
-    """Scalars per epoch under RUN_DIR/tensorboard when --tensorboard is on and the package is
-    installed; otherwise a no-op (with one message saying why)."""
-
-    def __init__(self, cfg: Config, out: Path, enabled: bool, log=print):
-        self.writer = None
-        if not (cfg.tensorboard and enabled):
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
-                "metrics.csv and record.json hold the same numbers")
-            return
-        self.writer = SummaryWriter(str(out / "tensorboard"))
-
-    def add(self, h: dict) -> None:
-        if self.writer is not None:
-            for k in METRICS[1:]:
-                self.writer.add_scalar(k, h[k], h["epoch"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-class TrainStep(EpochSums):
-    """step(x, y) -> (loss, logits), detached: one optimizer step on a batch, its loss and
-    correct predictions added to the epoch's device-side sums (EpochSums). fastres.step.WholeStep
-    has the same interface."""
-
-    def __init__(self, model, opt, sched, ema, criterion, rt: runtime.Runtime):
-        super().__init__(rt.device)
-        self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
-        self.step_begin = rt.step_begin
-
-    def after_load(self):
-        """WholeStep re-syncs its device copies of the state here; this step holds none."""
-
-    def __call__(self, x, y):
-        self.step_begin()
-        with self.rt.autocast():
-            logits = self.model(x)
-            loss = self.criterion(logits, y)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
-        self.ema.update()
-        loss, logits = loss.detach(), logits.detach()
-        self.count(loss, logits, y)
-        return loss, logits
-
-
-def build_step(cfg: Config, rt: runtime.Runtime, model, train_model, opt, sched, ema, criterion, steps_per_epoch: int):
-    """The training step: with --whole-step, forward, backward, SGD and EMA as one CUDA graph
-    (fastres/step.py, over `model` compiled without CUDA graphs of its own); else the usual step
-    over `train_model` (compiled or not, DDP-wrapped under torchrun)."""
-    if rt.whole_step:
-        return make_whole_step(rt.compile_in_graph(model), opt, sched, ema, criterion, rt,
-                               lr_factor(cfg, steps_per_epoch), peak_lr(cfg), cfg.epochs * steps_per_epoch)
-    return TrainStep(train_model, opt, sched, ema, criterion, rt)
-
-
-def build_model(cfg: Config, rt: runtime.Runtime) -> torch.nn.Module:
-    return resnet(cfg.depth, cfg.widths, norm=rt.norm).to(rt.device, memory_format=rt.memory_format)
-
-
-def ensure_data(cfg: Config, dist: Dist, log=print) -> None:
-    """Convert CIFAR-10 into cfg.data (from $FASTRES_CIFAR10 or the torchvision download, into
-    cfg.data/downloads) when none of its files are there; files that are there are verified by
-    Batches and never silently rebuilt."""
-    if dist.main and not has_data(cfg.data):
-        from data_prep.cli import prepare
-        log(f"no .beton files in {cfg.data}: converting CIFAR-10 first")
-        prepare(None, cfg.data)
-    dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +66,7 @@ HEAD = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'test_loss'
 
 def train(cfg: Config, resume: bool = False, log=print) -> dict:
     t_start = time.perf_counter()
+    check_budget(cfg)  # an over-budget model is refused before any folder or data is touched
     dist = Dist.from_env(cfg.device)
     log = log if dist.main else (lambda *a, **k: None)
     if not cfg.out:  # a new runs/PRESET/DATE-TIME (resuming: the latest run), the same on every rank
@@ -361,19 +106,21 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
                       train_limit=cfg.train_limit or None, test_limit=cfg.test_limit or None,
                       channels_last=rt.channels_last, augment=cfg.augment, num_workers=cfg.loader_workers,
                       distributed=dist.world > 1, rank=dist.rank, world=dist.world,
-                      compile_augment=cfg.compile_augment, placement=rt.data_placement)
+                      compile_augment=cfg.compile_augment, placement=rt.data_placement,
+                      cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
     steps = len(batches)
     if steps == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {batches.num_train} training images")
 
     # --- model, optimizer, schedule, EMA -------------------------------------------------------
+    design = summarize(cfg)  # parameters and multiply-accumulates per image (torchinfo, on the CPU)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, rt)
-    n_params = count_params(model)
-    log(f"model: resnet{cfg.depth} widths {list(cfg.widths)}, {n_params:,} trainable parameters; "
-        f"data: {batches.num_train:,} train / {batches.num_test:,} test images, {steps} steps/epoch")
-    opt = torch.optim.SGD(param_groups(model, cfg), lr=peak_lr(cfg), momentum=cfg.momentum,
-                          nesterov=cfg.nesterov)
+    n_params = design["trainable_parameters"]
+    log(f"model: {describe_model(cfg)}, {n_params:,} trainable parameters, {design['macs'] / 1e6:,.1f} M "
+        f"multiply-adds per image; data: {batches.num_train:,} train / {batches.num_test:,} test images, "
+        f"{steps} steps/epoch")
+    opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
     ema = EMA(model, cfg.ema)
     criterion = make_criterion(cfg)
@@ -417,6 +164,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
     g = torch.Generator(device=rt.device).manual_seed(12345)
     x = torch.randn(rank_batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
     y = torch.randint(0, 10, (rank_batch,), generator=g, device=rt.device)
+    x, y = batches.regularize(x, y, g, 0, 0)  # targets as training's (probabilities under mixup/cutmix)
     x_eval = torch.randn(cfg.eval_batch_size, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
     rt_sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
 
@@ -476,7 +224,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
         del ck
 
     record = {"config": cfg.to_dict(), "switches": rt.summary, "environment": environment(rt),
-              "parameters": n_params, "num_train": batches.num_train, "num_test": batches.num_test,
+              "parameters": n_params, "macs": design["macs"], "num_train": batches.num_train, "num_test": batches.num_test,
               "steps_per_epoch": steps, "world_size": dist.world, "backend": dist.backend,
               "per_rank_batch": rank_batch, "warmup_s": round(warmup_s, 3), "status": "running"}
 
@@ -543,7 +291,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
                            status=lambda: status(bar, epoch), log=log, enabled=dist.main)
             for i, (x, y) in enumerate(bar):
                 step(x, y)
-                seen += y.numel()
+                seen += y.shape[0]  # images (y is (N, classes) under mixup/cutmix)
                 synced = (i + 1) % 25 == 0 or i + 1 == steps  # one host sync per 25 steps
                 if stop_now(synced):
                     raise interrupted(f"in epoch {epoch + 1} after step {i + 1} of {steps}")
@@ -585,7 +333,7 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
                 atomic_write(ckpt_path, lambda p: p.write_bytes(blob.getbuffer()))
                 save_record("running" if epoch + 1 < cfg.epochs else "finished")
                 write_metrics_csv(history, out / METRICS_CSV)
-                plot_curves(history, out / CURVES, f"resnet{cfg.depth}, preset {cfg.preset}")
+                plot_curves(history, out / CURVES, f"{describe_model(cfg)}, preset {cfg.preset}")
                 tb.add(h)
             dist.barrier()
     except KeyboardInterrupt:  # Ctrl-C pressed twice: stop at once (a checkpoint write in flight is dropped)

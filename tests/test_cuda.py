@@ -102,7 +102,9 @@ def _steps(mode: str, n: int = 6):
     """n SGD steps of a ResNet-20 in fp32 under compile `mode` (an evaluation after step 3)."""
     from fastres import runtime
     from fastres.config import make_config
-    from fastres.train import EMA, TrainStep, build_model, make_criterion
+    from fastres.design import build_model
+    from fastres.optim import EMA, make_criterion
+    from fastres.step import TrainStep
 
     torch._dynamo.reset()
     cfg = make_config("paper", {"device": "cuda", "depth": 20, "compile": mode, "amp": "off", "batch_size": 32})
@@ -184,7 +186,8 @@ def test_whole_step_graph_replays_the_uncaptured_step(exact_convs):
     from fastres import runtime
     from fastres.config import make_config
     from fastres.step import WholeStep
-    from fastres.train import EMA, build_model, lr_factor, make_criterion, param_groups, peak_lr
+    from fastres.design import build_model
+    from fastres.optim import EMA, lr_factor, make_criterion, param_groups, peak_lr
 
     results = []
     for capture in (False, True):

@@ -10,7 +10,8 @@ from fastres import runtime
 from fastres.config import make_config
 from fastres.distributed import Dist
 from fastres.model import resnet
-from fastres.train import EMA, evaluate, make_criterion
+from fastres.evaluate import evaluate
+from fastres.optim import EMA, make_criterion
 
 
 def test_ema_tracks_the_weights_by_its_warmed_up_decay():
@@ -119,7 +120,7 @@ def test_eval_uses_the_ema_weights_and_flip_tta(small_data, tmp_path):
     computed here independently from the checkpoint's tensors."""
     from fastres.data import Batches
     from fastres.config import from_dict
-    from fastres.train import build_model
+    from fastres.design import build_model
 
     out = tmp_path / "t"
     r = run_cli("fastres", "train", "--preset", "tuned", "--data", small_data, "--out", out, "--depth", "8",

@@ -1,7 +1,8 @@
 """Exact resume: a run killed with SIGKILL (twice: once after its first checkpoint, once in the
 middle of a resumed run's training) and resumed ends with exactly the metrics and weights of an
-uninterrupted run, for the settings long runs use. The kills are timed from the checkpoint on
-disk, not from printed output, so buffering cannot move them."""
+uninterrupted run, for the settings long runs use, each optimizer and each augmentation. The
+kills are timed from the checkpoint on disk, not from printed output, so buffering cannot move
+them."""
 import json
 import signal
 import subprocess
@@ -22,6 +23,12 @@ SETTINGS = {
     # The paper's schedule: CosineAnnealingLR stepped per epoch; data held on the device.
     "cosine_epoch_resident_data": ["--preset", "paper", "--lr", "0.05", "--compile-augment", "false",
                                    "--data-placement", "device"],
+    # Adam with cutout and mixup (their draws: the epoch's generator, and (seed, epoch, step));
+    # AdamW with cutmix through the whole step's own update (uncaptured on a CPU).
+    "adam_cutout_mixup": ["--preset", "paper", "--optimizer", "adam", "--lr", "0.002", "--cutout", "8",
+                          "--mixup", "0.4", "--compile-augment", "false"],
+    "adamw_cutmix_whole_step": ["--preset", "paper", "--optimizer", "adamw", "--lr", "0.002", "--weight-decay",
+                                "0.05", "--cutmix", "1.0", "--whole-step", "on", "--compile-augment", "false"],
 }
 
 
@@ -90,5 +97,7 @@ def test_sigkilled_twice_and_resumed_matches_an_uninterrupted_run(small_data, tm
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
     assert ca["ema_updates"] == cb["ema_updates"]
     assert ca["optimizer"]["state"].keys() == cb["optimizer"]["state"].keys()
-    for k, s in ca["optimizer"]["state"].items():
-        assert torch.equal(s["momentum_buffer"], cb["optimizer"]["state"][k]["momentum_buffer"])
+    for k, s in ca["optimizer"]["state"].items():  # SGD's momentum; Adam's moments and step count
+        assert s.keys() == cb["optimizer"]["state"][k].keys()
+        for name, t in s.items():
+            assert torch.equal(t, cb["optimizer"]["state"][k][name]), name

@@ -6,7 +6,7 @@ import torch
 
 from fastres.config import make_config
 from fastres.model import resnet
-from fastres.train import lr_factor, param_groups, peak_lr
+from fastres.optim import lr_factor, param_groups, peak_lr
 
 
 def lrs(cfg, steps_per_epoch):

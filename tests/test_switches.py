@@ -106,7 +106,9 @@ def _one_training_step(data, **over):
     """One fastres training step of a small ResNet on a real batch, with every conv's output and
     the model as the switches built them."""
     from fastres.data import Batches
-    from fastres.train import EMA, TrainStep, build_model, make_criterion
+    from fastres.design import build_model
+    from fastres.optim import EMA, make_criterion
+    from fastres.step import TrainStep
 
     cfg = make_config("smoke", {"device": "cpu", "depth": 8, "widths": "4,8,16", **over})
     rt = resolve(cfg)

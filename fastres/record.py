@@ -1,0 +1,103 @@
+"""What a run writes besides its checkpoint: the environment it ran in, metrics.csv, curves.png
+and TensorBoard scalars (record.json itself is assembled by the training loop)."""
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .rundir import atomic_write
+
+CHECKPOINT, RECORD, CURVES, METRICS_CSV = "last.pt", "record.json", "curves.png", "metrics.csv"
+
+
+def environment(rt) -> dict:
+    def version(dist_name):  # the installed distribution's version (ffcv's __version__ is stale)
+        try:
+            return importlib.metadata.version(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    # FASTRES_GIT_COMMIT names the commit of a copied tree whose .git is absent or stale (a tree
+    # copied to an offline machine); otherwise git says.
+    commit = os.environ.get("FASTRES_GIT_COMMIT")
+    try:
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                          capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
+            "ffcv": version("ffcv"), "numpy": version("numpy"), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(rt.device), "device_name": rt.summary.get("device_name", platform.processor() or "cpu"),
+            "git_commit": commit}
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    a1.plot(ep, [h["test_loss"] for h in history], "s-", label="test")
+    a1.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    a2.plot(ep, [100 * h["train_acc"] for h in history], "o-", label="train")
+    a2.plot(ep, [100 * h["test_acc"] for h in history], "s-", label="test")
+    a2.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_s", "eval_s", "images_per_s")
+
+
+def write_metrics_csv(history: list[dict], path: Path) -> None:
+    """One row per epoch: the columns of the console table, with eval seconds (accuracies as fractions)."""
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRICS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(history)
+    atomic_write(path, write)
+
+
+class TensorBoard:
+    """Scalars per epoch under RUN_DIR/tensorboard when --tensorboard is on and the package is
+    installed; otherwise a no-op (with one message saying why)."""
+
+    def __init__(self, cfg: Config, out: Path, enabled: bool, log=print):
+        self.writer = None
+        if not (cfg.tensorboard and enabled):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                "metrics.csv and record.json hold the same numbers")
+            return
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def add(self, h: dict) -> None:
+        if self.writer is not None:
+            for k in METRICS[1:]:
+                self.writer.add_scalar(k, h[k], h["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
