@@ -2,7 +2,8 @@
 
 Per group, one line per case: its rate (images/s where the case reports it, else calls/s of its
 round), the ratio to the group's baseline, and for `epoch` the epoch seconds next to the test
-accuracy. With --benchmark-compare, the change of each case against the saved run, and a check
+accuracy, and a label on a case whose switch this CPU only emulates (bf16 without bf16 units). With
+--benchmark-compare, the change of each case against the saved run, and a check
 that no `epoch` case lost more than --accuracy-drop-fail points of test accuracy. A case whose
 rounds spread widely is flagged: its numbers are from a noisy machine.
 """
@@ -23,7 +24,8 @@ def case(b: dict) -> dict:
             "rate": info.get("images_per_s") or (1 / median if median else 0.0),
             "unit": "img/s" if info.get("images_per_s") else "rounds/s", "median": median,
             "spread": (st["max"] - st["min"]) / median if median and st.get("rounds", 1) > 1 else 0.0,
-            "batch": info.get("batch_size"), "epoch_s": info.get("epoch_train_s"), "acc": info.get("test_acc")}
+            "batch": info.get("batch_size"), "epoch_s": info.get("epoch_train_s"), "acc": info.get("test_acc"),
+            "emulated": info.get("emulated", False)}
 
 
 def lines(benchmarks: list[dict], compared: dict[str, dict] | None = None) -> list[str]:
@@ -40,6 +42,8 @@ def lines(benchmarks: list[dict], compared: dict[str, dict] | None = None) -> li
                 text += f"  {c['rate'] / base[0]['rate']:5.2f}x baseline"
             if c["epoch_s"] is not None:
                 text += f"  epoch {c['epoch_s']:.2f} s" + (f", test acc {c['acc']:.2%}" if c["acc"] is not None else "")
+            if c["emulated"]:
+                text += "  (emulated: bf16 on a CPU without bf16 units, one short round)"
             if c["spread"] > NOISY:
                 text += f"  (noisy: rounds spread {c['spread']:.0%} of the median)"
             out.append(text)

@@ -1,4 +1,5 @@
-"""Group 'step': images/s of one ResNet-68 training step (forward, backward, SGD) at batch 64 and 512.
+"""Group 'step': images/s of one ResNet-68 training step (forward, backward, SGD) at batch 64 and 512,
+and of a few other points of the design space at batch 64 and 128.
 
 eager_baseline is fp32, NCHW, no compile. On CPU, fastres_default is what the switches resolve to
 by default and each other variant turns on one switch alone over the baseline. On CUDA the step
@@ -13,7 +14,9 @@ import torch
 
 from bench.common import CUDA, DEVICE, MINIMAL, median_s, step_under_test, sync, timed
 from fastres.config import make_config
+from fastres.design import describe_model
 from fastres.model import count_params
+from fastres.runtime import cpu_has_bf16
 
 # whole_step off except in its own variants: on CUDA its auto is on
 BASE = {"channels_last": False, "amp": "off", "compile": "off", "fused_bn_relu": False, "whole_step": "off"}
@@ -57,21 +60,36 @@ def skip_reason(variant, batch):
         return "CPU: compile is measured at batch 64 only (its ~1 min compile keeps the CPU run short)"
     if MINIMAL and (batch != 64 or variant in ("compile", "fused_bn_relu", "default_with_fused_bn_relu")):
         return "minimal run: batch 64, eager variants only"
+    if variant == "amp_bf16" and batch != 64 and not CUDA and not cpu_has_bf16():
+        return ("this CPU has no bf16 units: bf16 is emulated (about 10x slower than fp32, which is why --amp "
+                "auto is off here); measured at batch 64 only, one short round")
     return None
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_train_step(benchmark, variant, batch):
-    reason = skip_reason(variant, batch)
-    if reason:
-        pytest.skip(reason)
+# Design points a sweep explores (README, 'The design space'), with the switches' defaults: their
+# step rates are what a sweep's time estimate needs besides ResNet-68's.
+DESIGNS = {
+    "resnet68_kernel5": {"kernel": "5"},
+    "four_stages_4.8M": {"blocks": "2,2,2,2", "widths": "64,128,192,256", "shortcut_kernel": "3", "pool": "2"},
+    "resnet68_wide_32_64_128": {"widths": "32,64,128"},
+}
+DESIGN_BATCHES = [64, 128]
+
+
+def emulated_bf16(rt) -> bool:
+    """bf16 autocast on a CPU without bf16 units: emulated, ~10x slower than fp32 there."""
+    return rt.amp and rt.device.type == "cpu" and not cpu_has_bf16()
+
+
+def measure_step(benchmark, cfg, name: str, **info):
+    """Time fastres's training step for cfg on a fixed batch, as benchmark rounds; extra_info gets
+    images/s and what the switches resolved to. Where bf16 is emulated (a CPU without bf16 units)
+    one short round is enough to show it: the case is labelled `emulated` in the summary."""
     benchmark.group = "step"
-    depth = 8 if MINIMAL else 68
-    cfg = make_config("paper", {**VARIANTS[variant], "device": DEVICE.type, "batch_size": batch, "depth": depth})
     rt, model, step, x, y = step_under_test(cfg)  # compiles afresh: no recompile limits, no dynamic batch
+    emulated = emulated_bf16(rt)
     # The same number of steps per round at every batch size, so that round times compare.
-    steps_per_round = 1 if MINIMAL else (2 if not CUDA else 20)
+    steps_per_round = 1 if MINIMAL or emulated else (2 if not CUDA else 20)
 
     def run():
         for _ in range(steps_per_round):
@@ -80,10 +98,33 @@ def test_train_step(benchmark, variant, batch):
         return loss
 
     _, warm = timed(lambda: [step(x, y) for _ in range(3 if rt.compile_mode else 1)])
-    rounds = 1 if MINIMAL else (3 if not CUDA and batch == 512 else 5)
+    rounds = 1 if MINIMAL or emulated else (3 if not CUDA and cfg.batch_size == 512 else 5)
     loss = benchmark.pedantic(run, rounds=rounds, iterations=1)
     assert torch.isfinite(loss)
     benchmark.extra_info.update(
-        variant=variant, batch_size=batch, steps_per_round=steps_per_round, warmup_s=warm,
-        images_per_s=batch * steps_per_round / median_s(benchmark), switches=rt.summary,
-        model=f"resnet{depth}", parameters=count_params(model), device=str(DEVICE))
+        name=name, batch_size=cfg.batch_size, steps_per_round=steps_per_round, warmup_s=warm,
+        images_per_s=cfg.batch_size * steps_per_round / median_s(benchmark), switches=rt.summary,
+        model=describe_model(cfg), parameters=count_params(model), device=str(DEVICE), emulated=emulated, **info)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_train_step(benchmark, variant, batch):
+    reason = skip_reason(variant, batch)
+    if reason:
+        pytest.skip(reason)
+    depth = 8 if MINIMAL else 68
+    cfg = make_config("paper", {**VARIANTS[variant], "device": DEVICE.type, "batch_size": batch, "depth": depth})
+    measure_step(benchmark, cfg, variant, variant=variant)
+
+
+@pytest.mark.parametrize("batch", DESIGN_BATCHES)
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_design_step(benchmark, design, batch):
+    """fastres's default step (the whole step on one CUDA GPU) for a few points of the design
+    space; the minimal run times one small point."""
+    if MINIMAL and (batch != 64 or design != "four_stages_4.8M"):
+        pytest.skip("minimal run: one design point at batch 64")
+    over = {"widths": "8,16,24,32"} if MINIMAL else {}
+    cfg = make_config("paper", {**DESIGNS[design], **over, "device": DEVICE.type, "batch_size": batch})
+    measure_step(benchmark, cfg, f"design {design}", design=design)

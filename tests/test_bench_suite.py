@@ -23,8 +23,9 @@ def test_every_group_runs_and_reports(small_data, tmp_path):
     assert names == {"test_ffcv_device_aug[stream]", "test_ffcv_device_aug[device]", "test_torchvision_dataloader"}
     for b in by_group["loader"] + by_group["step"]:
         assert b["extra_info"]["images_per_s"] > 0
-    variants = {b["extra_info"]["variant"] for b in by_group["step"]}
+    variants = {b["extra_info"].get("variant") for b in by_group["step"]}
     assert {"eager_baseline", "fastres_default"} <= variants
+    assert {b["extra_info"].get("design") for b in by_group["step"]} >= {"four_stages_4.8M"}
     assert {b["extra_info"]["path"] for b in by_group["kernel_host"]} == {"launcher_direct", "custom_op"}
     assert {b["extra_info"]["placement"] for b in by_group["epoch"]} == {"stream", "device"}
     base = {b["name"]: b["extra_info"] for b in by_group["baseline"]}

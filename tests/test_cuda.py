@@ -8,6 +8,8 @@ GPU; the kernels' own CUDA checks are in test_kernels.py, which runs on the GPU 
 - the model: CUDA forward and gradients match the CPU's (gradients in float64);
 - torch.compile's default and reduce-overhead (CUDA graphs) training steps follow the eager step
   over several SGD steps (weights and losses), including an evaluation between steps;
+- design-space models (kernels 5 and 7, four stages, pools) on CUDA against the CPU; cutout,
+  mixup and cutmix on the device against the CPU; the whole step captured with Adam and AdamW;
 - a whole tiny run on CUDA with the default switches and with CUDA graphs; its checkpoint evaluates
   to the accuracy the run recorded, and the run resumes from it (a checkpoint read onto the GPU
   once made resuming fail: torch restores RNG states from CPU tensors only).
@@ -180,27 +182,29 @@ def test_tiny_run_on_cuda_trains_evaluates_and_resumes(small_data, tmp_path, mod
     assert again["status"] == "finished" and again["resumed_at_epoch"] == 1 and len(again["epochs"]) == 2
 
 
-def test_whole_step_graph_replays_the_uncaptured_step(exact_convs):
+@pytest.mark.parametrize("optimizer,soft_targets", [("sgd", False), ("adam", False), ("adamw", True)])
+def test_whole_step_graph_replays_the_uncaptured_step(exact_convs, optimizer, soft_targets):
     """--whole-step: the captured graph (replayed) against the same arithmetic run op by op
-    (test_whole_step.py checks that arithmetic against torch.optim.SGD on the CPU)."""
+    (test_whole_step.py and test_optimizers.py check that arithmetic against torch.optim's SGD,
+    Adam and AdamW on the CPU); for each optimizer, and with mixup's (N, 10) targets."""
     from fastres import runtime
     from fastres.config import make_config
     from fastres.step import WholeStep
     from fastres.design import build_model
-    from fastres.optim import EMA, lr_factor, make_criterion, param_groups, peak_lr
+    from fastres.optim import EMA, lr_factor, make_criterion, make_optimizer, peak_lr
 
     results = []
     for capture in (False, True):
         torch._dynamo.reset()
+        over = {"nesterov": False, "lr": 0.002, "weight_decay": 0.05} if optimizer != "sgd" else {}
         cfg = make_config("tuned", {"device": "cuda", "depth": 20, "amp": "off", "batch_size": 32, "epochs": 2,
-                                    "whole_step": True})
+                                    "whole_step": True, "optimizer": optimizer, **over})
         rt = runtime.resolve(cfg)
         b = torch.backends
         b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
         torch.manual_seed(0)
         model = build_model(cfg, rt)
-        opt = torch.optim.SGD(param_groups(model, cfg), lr=peak_lr(cfg), momentum=cfg.momentum,
-                              nesterov=cfg.nesterov)
+        opt = make_optimizer(model, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, 5))
         ema = EMA(model, cfg.ema)
         f = lr_factor(cfg, 5)
@@ -210,7 +214,7 @@ def test_whole_step_graph_replays_the_uncaptured_step(exact_convs):
         # as training's warm-up does: a first call (which captures), then the state put back
         saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict()))
         step(torch.randn(32, 3, 32, 32, device=CUDA).to(memory_format=rt.memory_format),
-             torch.zeros(32, dtype=torch.int64, device=CUDA))
+             torch.full((32, 10), 0.1, device=CUDA) if soft_targets else torch.zeros(32, dtype=torch.int64, device=CUDA))
         model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
         ema.load_state_dict(saved[3])
         ema.updates = 0
@@ -219,6 +223,8 @@ def test_whole_step_graph_replays_the_uncaptured_step(exact_convs):
         for _ in range(6):
             x = torch.randn(32, 3, 32, 32, device=CUDA, generator=g).to(memory_format=rt.memory_format)
             y = torch.randint(0, 10, (32,), device=CUDA, generator=g)
+            if soft_targets:
+                y = torch.softmax(torch.randn(32, 10, device=CUDA, generator=g), 1)
             loss, _ = step(x, y)
             losses.append(loss.item())
         results.append((losses, {k: v.clone() for k, v in model.state_dict().items()},
@@ -230,3 +236,51 @@ def test_whole_step_graph_replays_the_uncaptured_step(exact_convs):
         torch.testing.assert_close(s1[k], s0[k], rtol=1e-4, atol=1e-5, msg=k)
     for k in e0:
         torch.testing.assert_close(e1[k], e0[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("settings", [
+    {"blocks": "1,1,1", "widths": "8,16,32", "kernel": "5", "stem_kernel": "5"},
+    {"blocks": "1,1,1", "widths": "8,16,32", "kernel": "7,5,3", "shortcut_kernel": "3"},
+    {"blocks": "1,2,1,1", "widths": "8,16,24,32", "pool": "2"},
+    {"blocks": "1,1,1", "widths": "8,16,32", "pool": "4"},
+])
+def test_design_points_on_cuda_match_the_cpu(settings):
+    """Design-space models (kernels 5 and 7, four stages, pools): CUDA forward and gradients equal
+    the CPU's in float64 (cuDNN's float64 paths: no TF32, no Winograd)."""
+    from fastres.config import make_config
+    from fastres.design import model_from_config
+
+    torch.manual_seed(0)
+    cpu = model_from_config(make_config("paper", settings)).double()
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    outs = []
+    for m, xx in ((cpu, x), (gpu, x.to(CUDA))):
+        out = m(xx)
+        out.square().mean().backward()
+        outs.append((out.detach().cpu(), {n: p.grad.cpu() for n, p in m.named_parameters()}))
+    assert outs[0][0].shape == (4, 10)
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-9, atol=1e-10)
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[1][1][n], outs[0][1][n], rtol=1e-7, atol=1e-10, msg=n)
+
+
+def test_cutout_mixup_and_cutmix_on_cuda_match_the_cpu():
+    """The same draws give the same batch on the device as on the CPU: cutout from given centres,
+    mixup / cutmix from the (seed, epoch, step) generator of the host."""
+    from fastres.data import Regularize, cutout, sample_cutout
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 32, 32, generator=g).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (32,), generator=g)
+    cy, cx = sample_cutout(32, torch.Generator().manual_seed(1))
+    got = cutout(x.to(CUDA), cy.to(CUDA), cx.to(CUDA), 12)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.cpu(), cutout(x, cy, cx, 12), rtol=0, atol=0)
+    reg = Regularize(seed=4, mixup=0.4, cutmix=1.0)
+    for step in range(6):
+        a = reg(x, y, torch.Generator().manual_seed(2), 1, step)
+        b = reg(x.to(CUDA), y.to(CUDA), torch.Generator(device=CUDA).manual_seed(2), 1, step)
+        torch.testing.assert_close(b[0].cpu(), a[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b[1].cpu(), a[1], rtol=1e-6, atol=1e-6)
+

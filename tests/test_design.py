@@ -226,3 +226,29 @@ def test_record_carries_parameters_and_macs(small_data, tmp_path):
                                 "shortcut_kernel": "3", "pool": "2"})
     assert rec["parameters"] == formula(*ref_args(cfg)) and rec["macs"] == summarize(cfg)["macs"]
     assert rec["config"]["blocks"] == [1, 1, 1, 1] and rec["status"] == "finished"
+
+
+# Settings that did not exist before the design space: a checkpoint of an earlier version of
+# fastres has none of them in its config (its model is the depth/widths ResNet, whose state_dict
+# test_the_papers_model_is_unchanged pins down).
+NEW_SETTINGS = ("blocks", "kernel", "stem_kernel", "shortcut_kernel", "pool", "max_params", "cutout", "mixup",
+                "cutmix", "optimizer", "betas", "eps")
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_and_evaluates(small_data, tmp_path):
+    from fastres.evaluate import evaluate_checkpoint
+    from fastres.train import train
+
+    settings = {"data": str(small_data), "out": str(tmp_path / "r"), "depth": 8, "epochs": 2, "train_limit": 500,
+                "test_limit": 100, "batch_size": 100, "compile_augment": False, "loader_workers": 2}
+    quiet = lambda *a, **k: None
+    train(make_config("paper", {**settings, "epochs": 1}), log=quiet)
+    ck_path = tmp_path / "r" / "last.pt"
+    ck = torch.load(ck_path, weights_only=False)
+    ck["config"] = {k: v for k, v in ck["config"].items() if k not in NEW_SETTINGS}
+    ck["config"]["epochs"] = 2
+    torch.save(ck, ck_path)
+    rec = train(make_config("paper", settings), resume=True, log=quiet)
+    assert rec["resumed_at_epoch"] == 1 and len(rec["epochs"]) == 2 and rec["status"] == "finished"
+    ev = evaluate_checkpoint(ck_path, log=quiet)
+    assert ev["epoch"] == 2 and ev["test_acc"] == pytest.approx(rec["final_test_acc"], abs=0.02)
