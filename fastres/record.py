@@ -12,9 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .rundir import atomic_write
-
-CHECKPOINT, RECORD, CURVES, METRICS_CSV = "last.pt", "record.json", "curves.png", "metrics.csv"
+from .rundir import CHECKPOINT, CURVES, METRICS_CSV, RECORD, atomic_write  # noqa: F401 (the run's file names)
 
 
 def environment(rt) -> dict:

@@ -83,10 +83,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def prepare_out(out: Path) -> None:
-    """Create the run folder, or say in one line why it cannot be (before any heavy work)."""
+# What a run leaves in its folder (besides run.lock): a folder with any of them holds a run
+CHECKPOINT, RECORD, CURVES, METRICS_CSV = "last.pt", "record.json", "curves.png", "metrics.csv"
+RUN_FILES = (RECORD, CHECKPOINT, METRICS_CSV, CURVES)
+
+
+def prepare_out(out: Path, resume: bool = False) -> None:
+    """Create the run folder, or say in one line why it cannot be (before any heavy work). A
+    folder that holds another run is only continued (resume), never written over: a new run
+    there would leave a folder describing two runs."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: is a file, not a folder; name a folder for the run")
+    held = [f for f in RUN_FILES if (out / f).exists()] if out.is_dir() and not resume else []
+    if held:
+        raise BadInput(f"--out {out} holds another run ({', '.join(held)}); continue it with --resume, or "
+                       "choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -35,9 +35,9 @@ def sweep(preset: str, seeds: list[int], overrides: dict, out: str | None = None
         if rec and rec.get("status") == "finished" and from_dict(rec["config"]) == cfg:
             log(f"seed {cfg.seed}: finished run found in {cfg.out}, reading it")
         else:
-            resume = (Path(cfg.out) / CHECKPOINT).is_file()  # an unfinished run of this sweep continues
-            log(f"seed {cfg.seed}: {'resuming' if resume else 'training'} in {cfg.out}")
-            rec = train(cfg, resume=resume)
+            # an unfinished run of this sweep continues (from scratch if it wrote no checkpoint yet)
+            log(f"seed {cfg.seed}: {'resuming' if (Path(cfg.out) / CHECKPOINT).is_file() else 'training'} in {cfg.out}")
+            rec = train(cfg, resume=True)
         records.append(rec)
     s = {"preset": preset, "overrides": overrides, **summarize(records)}
     (out / "summary.json").write_text(json.dumps(s, indent=2))

@@ -75,7 +75,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     with contextlib.ExitStack() as held:
         out = Path(cfg.out)
         if dist.main:  # before any heavy work: the folder is writable and no other run holds it
-            prepare_out(out)
+            prepare_out(out, resume)  # a folder that holds another run is refused, left as it is
             held.enter_context(RunLock(out, log))
             remove_stale_temporaries(out, log)
             link_latest(out)

@@ -321,3 +321,18 @@ def test_killed_conversion_leaves_no_workers_and_its_leftovers_are_removed(cifar
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"removed {leftovers[0]}" in r.stdout
     assert sorted(f.name for f in out.iterdir()) == sorted([MANIFEST_FILE, TEST_FILE, TRAIN_FILE])
+
+
+def test_a_new_run_into_a_folder_holding_another_is_refused_and_leaves_it_untouched(one_epoch_run, small_data,
+                                                                                   tmp_path):
+    """Without --resume, `--out` over a finished run's folder (here with a run that would diverge
+    in its first epoch, which once replaced the earlier run's record.json) is refused in one line
+    naming both ways on, exit 2, the folder byte for byte as it was."""
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch_run, out)
+    before = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    r = run_cli(*train_args(small_data, out, "--epochs", "1", "--lr", "600", "--warmup-epochs", "1"))
+    assert_clean_failure(r, 2, f"--out {out} holds another run", "--resume", "another --out")
+    assert r.stderr.count("\n") == 1
+    after = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert after == before and any(n.name == "record.json" for n in before)
