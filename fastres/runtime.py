@@ -67,6 +67,22 @@ def cpu_has_bf16() -> bool:
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
+def thin_strided_projection(cfg: Config) -> int | None:
+    """Input channels of a 1x1 stride-2 projection shortcut with fewer than 8 of them, if the model
+    has one (widths[i-1] < 8 where stage i > 0 starts with a 1x1 shortcut), else None. On an x86
+    CPU without AVX-512 (AVX2 only), PyTorch's oneDNN backward of such a convolution in
+    channels_last corrupts the heap (torch 2.14.1: a crash, or a hang, on the first backward);
+    NCHW, or AVX-512, or 8+ input channels, or a 3x3 shortcut are fine."""
+    n = len(cfg.blocks)
+    shortcut = cfg.shortcut_kernel * n if len(cfg.shortcut_kernel) == 1 else cfg.shortcut_kernel
+    thin = [cfg.widths[i - 1] for i in range(1, n) if shortcut[i] == 1 and cfg.widths[i - 1] < 8]
+    return min(thin) if thin else None
+
+
+def cpu_has_avx512() -> bool:
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -175,10 +191,17 @@ def resolve(cfg: Config, local_rank: int = 0, world: int = 1) -> Runtime:
                 fused = False
             norm = SyncNorm
         s["sync_bn"] = "on" if world > 1 else "off (single process)"
-    s["channels_last"] = cfg.channels_last
+    channels_last = cfg.channels_last
+    thin = thin_strided_projection(cfg) if channels_last and not cuda and not cpu_has_avx512() else None
+    if thin is not None:
+        channels_last = False
+        s["channels_last_why"] = (f"off: this model has a 1x1 stride-2 shortcut with {thin} input channels, whose "
+                                  "channels_last backward corrupts memory in PyTorch's CPU kernels without AVX-512 "
+                                  "(this CPU: " + torch.backends.cpu.get_cpu_capability() + "); NCHW instead")
+    s["channels_last"] = channels_last
     s["compile_augment"] = cfg.compile_augment
     if cuda:
         s["eval_batch_size_why"] = (f"--eval-batch-size {cfg.eval_batch_size}: at 1000, evaluation took 3.1 s of the "
                                     "H100 paper run's 158 s of training and evaluation (2%), so it is left there; "
                                     "--loader-workers matters only for the one read of resident data")
-    return Runtime(dev, amp, mode, cfg.channels_last, fused, whole, placement, norm, s)
+    return Runtime(dev, amp, mode, channels_last, fused, whole, placement, norm, s)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import run_cli
 from fastres.config import make_config
-from fastres.runtime import cpu_has_bf16, resolve
+from fastres.runtime import cpu_has_avx512, cpu_has_bf16, resolve
 
 TINY = ["--preset", "smoke", "--depth", "8", "--epochs", "1", "--train-limit", "200", "--test-limit", "100",
         "--batch-size", "50", "--loader-workers", "2", "--compile-augment", "false"]
@@ -110,7 +110,7 @@ def _one_training_step(data, **over):
     from fastres.optim import EMA, make_criterion
     from fastres.step import TrainStep
 
-    cfg = make_config("smoke", {"device": "cpu", "depth": 8, "widths": "4,8,16", **over})
+    cfg = make_config("smoke", {"device": "cpu", "depth": 8, "widths": "8,16,32", **over})
     rt = resolve(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, rt)
@@ -162,3 +162,30 @@ def test_compile_really_compiles_a_training_step(small_data):
     counters.clear()
     _one_training_step(small_data, compile="off", amp="off")
     assert counters["stats"]["unique_graphs"] == 0  # eager: nothing captured
+
+
+@pytest.mark.parametrize("capability,widths,shortcut,want", [
+    ("AVX2", "4,8,16", "1", False),      # a 1x1 stride-2 shortcut from 4 channels: the broken kernel
+    ("AVX2", "16,4,32", "1", False),     # the second projection's input is the thin one
+    ("AVX2", "8,16,32", "1", True),      # 8 input channels or more: fine
+    ("AVX2", "4,8,16", "3", True),       # a 3x3 shortcut: fine
+    ("AVX512", "4,8,16", "1", True),     # with AVX-512: fine
+])
+def test_channels_last_falls_back_where_the_cpu_kernel_is_broken(monkeypatch, capability, widths, shortcut, want):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    rt = resolve(make_config("smoke", {"device": "cpu", "depth": 8, "widths": widths, "shortcut_kernel": shortcut}))
+    assert rt.channels_last is want and rt.summary["channels_last"] is want
+    assert ("channels_last_why" in rt.summary) is (not want)
+    if not want:
+        assert "1x1 stride-2 shortcut with 4 input channels" in rt.summary["channels_last_why"]
+
+
+def test_a_thin_model_trains_with_the_default_switches(small_data, tmp_path):
+    """The model of the case above trains on this CPU, whatever it is (in its own process: on a
+    CPU without AVX-512 the channels_last backward it avoids crashes or hangs the process)."""
+    r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--widths", "4,8,16",
+                "--amp", "off", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = record(tmp_path / "r")["switches"]
+    assert s["channels_last"] is cpu_has_avx512() and ("channels_last_why" in s) is not cpu_has_avx512()
+

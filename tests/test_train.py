@@ -52,13 +52,51 @@ def test_resume_refuses_other_settings(small_data, tmp_path):
     assert r.returncode == 2 and "--lr 0.1 (now 0.05)" in r.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_data, tmp_path):
-    """A run whose lr warms up to far too much (600 over 3 epochs): epoch 1 stays finite and is
-    checkpointed, epoch 2 diverges. The run stops with exit 3 and its own epoch-1 checkpoint stays."""
+# The two divergence tests below make their run diverge on purpose and at a known place. A run
+# left to diverge on its own (lr warmed up to 600 over 3 epochs) does so where the CPU's
+# arithmetic takes it: with AVX-512 its epoch 1 stayed finite, on a CPU with AVX2 alone (the
+# same fp32 code, other kernels) its BN running variances overflowed in epoch 1 already.
+def _diverging_run(small_data, tmp_path, monkeypatch, epoch2_lr=None, corrupt_bn_after_epoch1=False):
+    """Train 3 epochs of a tiny model in this process, with a sane lr in epoch 1; from epoch 2 on
+    the schedule's factor is epoch2_lr (the run's real SGD then overflows its activations), or
+    the last step of epoch 1 leaves one BN running variance at inf (what bf16 activations
+    can do to it while the loss stays finite). Returns (the Diverged error, the run folder)."""
+    import fastres.train as T
+    from fastres.config import make_config
+    from fastres.errors import Diverged
+
+    real_factor, real_step = T.lr_factor, T.build_step
+    if epoch2_lr is not None:
+        monkeypatch.setattr(T, "lr_factor", lambda cfg, n: (lambda s, f=real_factor(cfg, n): f(s) if s < n else epoch2_lr))
+    if corrupt_bn_after_epoch1:
+        def build_step(cfg, rt, model, *a):
+            step, steps_per_epoch = real_step(cfg, rt, model, *a), a[-1]
+
+            def corrupting(x, y):
+                out = step(x, y)
+                if step.sched.last_epoch == steps_per_epoch:  # the last step of epoch 1 was taken
+                    model.layer1[0].bn1.running_var[0] = float("inf")
+                return out
+            corrupting.reset, corrupting.after_load = step.reset, step.after_load
+            corrupting.loss_sum, corrupting.correct = step.loss_sum, step.correct
+            return corrupting
+        monkeypatch.setattr(T, "build_step", build_step)
     out = tmp_path / "run"
-    r = run_cli(*train_cmd(small_data, out, "--warmup-epochs", "3", "--lr", "600", "--amp", "off"))
-    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
-    assert "non-finite training loss at epoch 2" in r.stderr and "(after epoch 1) is kept" in r.stderr
+    cfg = make_config("smoke", {"data": str(small_data), "out": str(out), "depth": 8, "train_limit": 1000,
+                                "epochs": 3, "batch_size": 100, "loader_workers": 2, "compile_augment": False,
+                                "amp": "off"})
+    with pytest.raises(Diverged) as e:
+        T.train(cfg, log=lambda *a, **k: None)
+    assert e.value.exit_status == 3
+    return str(e.value), out
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_data, tmp_path, monkeypatch):
+    """Epoch 1 trains normally and is checkpointed; in epoch 2 an lr of 1e30 overflows the
+    activations and the loss turns non-finite: the run stops (exit 3) and its own epoch-1
+    checkpoint stays."""
+    msg, out = _diverging_run(small_data, tmp_path, monkeypatch, epoch2_lr=1e30)
+    assert "non-finite training loss at epoch 2" in msg and "(after epoch 1) is kept" in msg
     rec = json.loads((out / "record.json").read_text())
     assert rec["status"] == "diverged" and len(rec["epochs"]) == 1
     ck = torch.load(out / "last.pt", weights_only=False)
@@ -66,14 +104,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_data, tmp_pa
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
-def test_overflowed_bn_statistics_count_as_divergence(small_data, tmp_path):
-    """Under bf16 the same run keeps a finite loss in epoch 1 while BN running variances overflow
-    to inf: that epoch is not checkpointed either."""
-    out = tmp_path / "run"
-    r = run_cli(*train_cmd(small_data, out, "--warmup-epochs", "3", "--lr", "600", "--amp", "on"))
+def test_overflowed_bn_statistics_count_as_divergence(small_data, tmp_path, monkeypatch):
+    """A finite loss through epoch 1 but an inf BN running variance at its end: that epoch is not
+    checkpointed either."""
+    msg, out = _diverging_run(small_data, tmp_path, monkeypatch, corrupt_bn_after_epoch1=True)
+    assert "non-finite weights or BN statistics after epoch 1" in msg
+    assert "no checkpoint of this run was written" in msg and not (out / "last.pt").exists()
+    assert json.loads((out / "record.json").read_text())["status"] == "diverged"
+
+
+def test_a_diverged_run_exits_3_from_the_command(small_data, tmp_path):
+    """The command's exit status and message for a run that diverges on its own (wherever this
+    CPU's arithmetic takes it: in epoch 1 or 2, by its loss or its BN statistics)."""
+    r = run_cli(*train_cmd(small_data, tmp_path / "run", "--warmup-epochs", "3", "--lr", "600", "--amp", "off",
+                           "--train-limit", "1000"))
     assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
-    assert "non-finite weights or BN statistics after epoch 1" in r.stderr
-    assert "no checkpoint of this run was written" in r.stderr and not (out / "last.pt").exists()
+    assert "non-finite" in r.stderr and "Lower --lr" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_missing_data_is_converted_on_demand(cifar_dir, tmp_path):
