@@ -81,7 +81,7 @@ def emulated_bf16(rt) -> bool:
     return rt.amp and rt.device.type == "cpu" and not cpu_has_bf16()
 
 
-def measure_step(benchmark, cfg, name: str, **info):
+def measure_step(benchmark, cfg, name: str, cpu_rounds: int = 5, **info):
     """Time fastres's training step for cfg on a fixed batch, as benchmark rounds; extra_info gets
     images/s and what the switches resolved to. Where bf16 is emulated (a CPU without bf16 units)
     one short round is enough to show it: the case is labelled `emulated` in the summary."""
@@ -98,7 +98,7 @@ def measure_step(benchmark, cfg, name: str, **info):
         return loss
 
     _, warm = timed(lambda: [step(x, y) for _ in range(3 if rt.compile_mode else 1)])
-    rounds = 1 if MINIMAL or emulated else (3 if not CUDA and cfg.batch_size == 512 else 5)
+    rounds = 1 if MINIMAL or emulated else 5 if CUDA else (3 if cfg.batch_size == 512 else cpu_rounds)
     loss = benchmark.pedantic(run, rounds=rounds, iterations=1)
     assert torch.isfinite(loss)
     benchmark.extra_info.update(
@@ -127,4 +127,4 @@ def test_design_step(benchmark, design, batch):
         pytest.skip("minimal run: one design point at batch 64")
     over = {"widths": "8,16,24,32"} if MINIMAL else {}
     cfg = make_config("paper", {**DESIGNS[design], **over, "device": DEVICE.type, "batch_size": batch})
-    measure_step(benchmark, cfg, f"design {design}", design=design)
+    measure_step(benchmark, cfg, f"design {design}", cpu_rounds=3, design=design)

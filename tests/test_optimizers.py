@@ -7,38 +7,15 @@ import copy
 import pytest
 import torch
 
-from fastres import runtime
-from fastres.config import make_config
-from fastres.design import build_model
-from fastres.optim import EMA, lr_factor, make_criterion, make_optimizer, peak_lr
-from fastres.step import TrainStep, adam_update, make_whole_step
+from fastres.step import adam_update
+from test_whole_step import SETTINGS, batches, build as build_sgd_or_adam
 
-STEPS_PER_EPOCH = 4
-SETTINGS = {"device": "cpu", "amp": "off", "depth": 8, "widths": "8,16,32", "batch_size": 16, "epochs": 2,
-            "lr": 0.01, "no_decay_bn_bias": True, "warmup_epochs": 0.5, "schedule": "cosine_step", "ema": 0.9,
-            "label_smoothing": 0.1, "weight_decay": 0.05, "betas": "0.8,0.99", "eps": 1e-6}
+# test_whole_step.py's tiny float64 setting, with Adam's knobs and weight decay in both groups' sense
+ADAM = {"lr": 0.01, "nesterov": False, "weight_decay": 0.05, "betas": "0.8,0.99", "eps": 1e-6}
 
 
 def build(optimizer: str, whole: bool, **over):
-    cfg = make_config("smoke", {**SETTINGS, **over, "optimizer": optimizer, "whole_step": whole})
-    rt = runtime.resolve(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg, rt).double()  # float64, as test_whole_step.py explains
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, STEPS_PER_EPOCH))
-    ema = EMA(model, cfg.ema)
-    if whole:
-        step = make_whole_step(model, opt, sched, ema, make_criterion(cfg), rt, lr_factor(cfg, STEPS_PER_EPOCH),
-                               peak_lr(cfg), cfg.epochs * STEPS_PER_EPOCH)
-    else:
-        step = TrainStep(model, opt, sched, ema, make_criterion(cfg), rt)
-    return model, opt, sched, ema, step
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 3, 32, 32, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last),
-             torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+    return build_sgd_or_adam(whole, **{**ADAM, **over, "optimizer": optimizer})
 
 
 def state(model, opt, sched, ema):
@@ -65,12 +42,13 @@ def test_whole_step_matches_torch_adam(optimizer, cls):
     ref, new = build(optimizer, False), build(optimizer, True)
     assert type(ref[1]) is cls and type(new[1]) is cls
     assert ref[1].param_groups[1]["weight_decay"] == 0 and ref[1].param_groups[0]["weight_decay"] == 0.05
+    assert SETTINGS["no_decay_bn_bias"] and ref[1].defaults["betas"] == (0.8, 0.99)
     for x, y in batches(7):  # across the warm-up (2 steps), into the cosine and past the first epoch
         l_ref, _ = ref[-1](x, y)
         l_new, _ = new[-1](x, y)
         torch.testing.assert_close(l_new, l_ref, rtol=1e-9, atol=1e-12)
     a, b = state(*ref[:4]), state(*new[:4])
-    assert a["moments"][0][0] == 7 and a["lr"][0] != SETTINGS["lr"]  # the optimizer and schedule did move
+    assert a["moments"][0][0] == 7 and a["lr"][0] != ADAM["lr"]  # the optimizer and schedule did move
     assert_same(b, a)
 
 
@@ -110,40 +88,43 @@ def test_adam_update_is_torchs_formula():
         torch.testing.assert_close(params[0], torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
-def test_whole_step_after_load_resumes_exactly(optimizer):
-    model, opt, sched, ema, step = build(optimizer, True)
-    data = batches(6, seed=3)
+def _three_steps_saved(optimizer, seed):
+    """A whole-step run after 3 of 6 batches: (its parts, the 6 batches, the state saved after
+    3, the state reached after all 6)."""
+    parts = build(optimizer, True)
+    model, opt, sched, ema, step = parts
+    data = batches(6, seed=seed)
     for x, y in data[:3]:
         step(x, y)
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(), ema.updates))
     for x, y in data[3:]:
         step(x, y)
-    want = state(model, opt, sched, ema)
+    return parts, data, saved, state(*parts[:4])
+
+
+def _load(parts, saved):
+    model, opt, sched, ema, _ = parts
     model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
     ema.load_state_dict(saved[3])
     ema.updates = saved[4]
-    step.after_load()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_whole_step_after_load_resumes_exactly(optimizer):
+    parts, data, saved, want = _three_steps_saved(optimizer, seed=3)
+    _load(parts, saved)
+    parts[-1].after_load()
     for x, y in data[3:]:
-        step(x, y)
-    assert_same(state(model, opt, sched, ema), want, rtol=0, atol=0)
+        parts[-1](x, y)
+    assert_same(state(*parts[:4]), want, rtol=0, atol=0)
 
 
 def test_a_whole_step_checkpoint_resumes_in_torchs_adam():
     """The state the whole step leaves in the optimizer (moments and step count) is torch's own:
     loaded into a torch.optim.AdamW run, it continues exactly as the whole step does."""
-    data = batches(6, seed=7)
-    model, opt, sched, ema, step = build("adamw", True)
-    for x, y in data[:3]:
-        step(x, y)
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(), ema.updates))
+    _, data, saved, want = _three_steps_saved("adamw", seed=7)
+    plain = build("adamw", False)
+    _load(plain, saved)
     for x, y in data[3:]:
-        step(x, y)
-    want = state(model, opt, sched, ema)
-    m2, o2, s2, e2, step2 = build("adamw", False)
-    m2.load_state_dict(saved[0]), o2.load_state_dict(saved[1]), s2.load_state_dict(saved[2])
-    e2.load_state_dict(saved[3])
-    e2.updates = saved[4]
-    for x, y in data[3:]:
-        step2(x, y)
-    assert_same(state(m2, o2, s2, e2), want)
+        plain[-1](x, y)
+    assert_same(state(*plain[:4]), want)

@@ -133,7 +133,7 @@ def test_missing_data_is_converted_on_demand(cifar_dir, tmp_path):
     assert (data / "cifar10_train.beton").is_file() and (data / "cifar10_manifest.json").is_file()
 
 
-@pytest.mark.long
+@pytest.mark.slow  # 2-5 minutes on 2 cores without bf16 units; the short runs elsewhere show learning
 def test_smoke_preset_learns_on_cpu(full_data, tmp_path):
     """The documented quick run: resnet20, 10,000 class-balanced images, 3 epochs, >= 35% test accuracy."""
     r = run_cli("fastres", "train", "--preset", "smoke", "--data", full_data, "--out", tmp_path / "smoke",

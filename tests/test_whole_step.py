@@ -9,7 +9,7 @@ import torch
 from fastres import runtime
 from fastres.config import make_config
 from fastres.design import build_model
-from fastres.optim import EMA, lr_factor, make_criterion, param_groups, peak_lr
+from fastres.optim import EMA, lr_factor, make_criterion, make_optimizer, peak_lr
 from fastres.step import TrainStep, make_whole_step
 
 SETTINGS = {"device": "cpu", "amp": "off", "depth": 8, "widths": "8,16,32", "batch_size": 16, "epochs": 2,
@@ -26,7 +26,7 @@ def build(whole: bool, **over):
     # (a 1e-7 nudge of its weights grows to 1e-5 within 7 steps), so compare where rounding is
     # 1e-16 and tolerances can be tight
     model = build_model(cfg, rt).double()
-    opt = torch.optim.SGD(param_groups(model, cfg), lr=peak_lr(cfg), momentum=cfg.momentum, nesterov=cfg.nesterov)
+    opt = make_optimizer(model, cfg)  # torch.optim's SGD, Adam or AdamW, as training builds it
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, STEPS_PER_EPOCH))
     ema = EMA(model, cfg.ema)
     if whole:
