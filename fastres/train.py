@@ -165,7 +165,10 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
     x = torch.randn(rank_batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
     y = torch.randint(0, 10, (rank_batch,), generator=g, device=rt.device)
     x, y = batches.regularize(x, y, g, 0, 0)  # targets as training's (probabilities under mixup/cutmix)
-    x_eval = torch.randn(cfg.eval_batch_size, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
+    # an evaluation batch as large as the largest the test set gives (not more: a 100-image test set
+    # is never evaluated 1,000 at a time)
+    x_eval = torch.randn(min(cfg.eval_batch_size, batches.num_test), 3, 32, 32, generator=g,
+                         device=rt.device).to(memory_format=rt.memory_format)
     rt_sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
 
     def eval_forward():
