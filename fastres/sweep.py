@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from .config import from_dict, make_config
-from .record import CHECKPOINT, RECORD
+from .rundir import CHECKPOINT, RECORD, RUN_FILES
 from .train import train
 
 
@@ -36,8 +36,9 @@ def sweep(preset: str, seeds: list[int], overrides: dict, out: str | None = None
             log(f"seed {cfg.seed}: finished run found in {cfg.out}, reading it")
         else:
             # an unfinished run of this sweep continues (from scratch if it wrote no checkpoint yet)
+            resume = any((Path(cfg.out) / f).exists() for f in RUN_FILES)
             log(f"seed {cfg.seed}: {'resuming' if (Path(cfg.out) / CHECKPOINT).is_file() else 'training'} in {cfg.out}")
-            rec = train(cfg, resume=True)
+            rec = train(cfg, resume=resume)
         records.append(rec)
     s = {"preset": preset, "overrides": overrides, **summarize(records)}
     (out / "summary.json").write_text(json.dumps(s, indent=2))

@@ -57,8 +57,11 @@ def wait_until(pred, proc, timeout=300):
         time.sleep(0.02)
 
 
+# The resident-data case runs with `pytest -m slow` (the default run's 25-minute budget on 2 cores
+# without bf16 units); test_resident.py checks that resume keeps the placement.
 @pytest.mark.long
-@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("setting", [pytest.param(s, marks=pytest.mark.slow) if "resident" in s else s
+                                     for s in SETTINGS])
 def test_sigkilled_twice_and_resumed_matches_an_uninterrupted_run(small_data, tmp_path, setting):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     r = run_cli(*args(small_data, ref, setting))

@@ -13,7 +13,7 @@ TINY = ["--preset", "smoke", "--depth", "8", "--train-limit", "0", "--batch-size
         "--loader-workers", "2", "--compile-augment", "false"]
 
 
-@pytest.mark.long
+@pytest.mark.slow  # out of the default run's 25-minute budget on 2 cores without bf16 units
 def test_runs_get_their_own_folders_and_resume_takes_the_latest(small_data, tmp_path):
     """Without --out each run gets runs/PRESET/DATE-TIME (under the working folder), runs/latest
     points at the newest, and --resume without --out continues that one."""
@@ -64,7 +64,7 @@ def test_metrics_csv_tensorboard_and_progress_in_a_log(small_data, tmp_path):
     assert rec["environment"]["ffcv"] == "1.0.2"  # the installed distribution's version
 
 
-@pytest.mark.long
+@pytest.mark.slow  # out of the default run's 25-minute budget on 2 cores without bf16 units
 def test_estimate_covers_only_the_epochs_left(small_data, tmp_path):
     out = tmp_path / "run"
     r = run_cli("fastres", "train", "--data", small_data, "--out", out, *TINY, "--epochs", "3",
