@@ -18,10 +18,14 @@ setup(
         "tqdm",
         "matplotlib",
         "torchinfo>=1.8",  # fastres summary: the model's layer table, parameters and multiply-adds
+        "optuna>=4.4",  # fastres sweep: the study, its storage, samplers, pruners, heartbeats and retries
     ],
     # tensorboard: optional for users (--tensorboard); the tests read back what it writes.
     # pytest-xdist: the test command runs the tests in 2 processes (`pytest -n 2`).
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "tensorboard"]},
+    # postgres: a PostgreSQL server as the study storage shared by several machines.
+    extras_require={"postgres": ["psycopg2-binary>=2.9"],
+                    "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "tensorboard",
+                             "psycopg2-binary>=2.9"]},
     entry_points={
         "console_scripts": [
             "fastres=fastres.cli:main",

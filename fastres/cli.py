@@ -1,4 +1,4 @@
-"""fastres command line: train, eval, summary, sweep, compare. `fastres COMMAND --help` explains each."""
+"""fastres command line: train, eval, summary, sweep, leaderboard, compare. `fastres COMMAND --help` explains each."""
 from __future__ import annotations
 
 import argparse
@@ -70,13 +70,45 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="paper", help="named recipe whose model to start from (default: paper)")
     m.add_argument("--depth-of-table", type=int, default=2, metavar="D",
                    help="nesting depth of the layer table (1: stages only, 2: blocks, 3: every layer; default 2)")
-    s = sub.add_parser("sweep", help="several seeds of a preset; mean and std of accuracy and epoch time",
+    s = sub.add_parser("sweep", help="a study on Optuna from a sweep file (or one preset's seeds): trials, "
+                                     "workers, leaderboard",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="Other --key value settings are passed to every run. Runs already finished "
-                              "in OUT/seed<N> are read, not repeated.")
-    s.add_argument("--preset", default="tuned")
-    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    s.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-PRESET)")
+                       description="With a sweep FILE (TOML: the base preset, fixed settings, the space, seeds, "
+                                   "budget, sampler, pruner; see README): the study lives in DIR/study.db (or "
+                                   "--storage); each trial trains its configuration once per seed in "
+                                   "DIR/trials/NNNN/seedS; the leaderboard is printed at the end and saved as "
+                                   "DIR/leaderboard.csv, accuracy_vs_params.png and accuracy_vs_time.png. The "
+                                   "same command again continues the study; on another machine, with the same "
+                                   "--storage, it adds a worker. Without FILE: --preset P --seeds S... runs "
+                                   "one preset's seeds into OUT/seed<N> and writes OUT/summary.json.",
+                       epilog="examples:\n"
+                              "  fastres sweep study.toml                         # runs/sweep-study, SQLite\n"
+                              "  fastres sweep study.toml --workers 4             # 4 processes (a GPU each if 4)\n"
+                              "  fastres sweep study.toml --storage postgresql://me@dbhost/sweeps   # many machines\n"
+                              "  fastres sweep study.toml --storage journal:/shared/study.journal\n"
+                              "  fastres sweep study.toml --report                # the leaderboard so far\n"
+                              "  fastres sweep --preset tuned --seeds 0 1 2       # one preset, three seeds\n\n"
+                              "Other --key value settings (seed-only form) are passed to every run. exit status: "
+                              "0 done, 2 bad sweep file or storage (unreachable, locked, another sweep's), "
+                              "4 folder not writable, 130/143 stopped (every trial resumes)")
+    s.add_argument("file", nargs="?", default=None, help="sweep file (TOML); omit for the seed-only form")
+    s.add_argument("--preset", default=None, help="seed-only form: the preset (default: tuned)")
+    s.add_argument("--seeds", type=int, nargs="+", default=None, help="seed-only form: seeds (default: 0 1 2)")
+    s.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-FILE or runs/sweep-PRESET)")
+    s.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage shared by the workers: an SQLAlchemy URL (sqlite:///PATH, "
+                        "postgresql://USER@HOST/DB) or journal:PATH (default: sqlite:///DIR/study.db)")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes on this machine (default 1: this process)")
+    s.add_argument("--report", action="store_true", help="print and save the leaderboard; train nothing")
+    s.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one of --workers N's processes
+    lb = sub.add_parser("leaderboard", help="a sweep folder's ranked trials, CSV and plots",
+                        description="The leaderboard of the sweep whose folder is DIR (its sweep.json names the "
+                                    "study and its storage): printed, and saved as DIR/leaderboard.csv, "
+                                    "accuracy_vs_params.png and accuracy_vs_time.png.")
+    lb.add_argument("dir", metavar="DIR", help="a folder written by 'fastres sweep FILE'")
+    lb.add_argument("--storage", default=None, metavar="URL", help="the study's storage, if not the one in sweep.json "
+                                                                    "(a URL with a password is stored without it)")
     c = sub.add_parser("compare", help="runs side by side: a table of speed and accuracy, and a PNG",
                        description="One row per run (preset, switches, device, mean epoch seconds, total "
                                    "training seconds, final and best test accuracy) and a plot of test "
@@ -119,8 +151,22 @@ def main(argv=None) -> int:
             print(summary_text(summarize(cfg, args.depth_of_table), cfg.max_params))
             check_budget(cfg)  # over --max-params: exit 2, saying by how much
         elif args.command == "sweep":
-            from .sweep import sweep
-            sweep(args.preset, args.seeds, parse_overrides(rest), args.out)
+            if args.file is None:
+                if args.storage or args.report or args.workers != 1:
+                    raise ConfigError("--storage, --workers and --report need a sweep file: fastres sweep FILE ...")
+                from .sweep import sweep
+                sweep(args.preset or "tuned", args.seeds or [0, 1, 2], parse_overrides(rest), args.out)
+            else:
+                if rest or args.preset or args.seeds:
+                    raise ConfigError("with a sweep file, settings go in the file ([fixed] or [space]), not on the "
+                                      f"command line: {' '.join(rest) or '--preset/--seeds'}")
+                from .sweep import run_sweep_file
+                return run_sweep_file(args.file, args.out, args.storage, args.workers, args.report, args.worker)
+        elif args.command == "leaderboard":
+            if rest:
+                raise ConfigError(f"unexpected arguments {' '.join(rest)}")
+            from .sweep import leaderboard_of
+            return leaderboard_of(args.dir, args.storage)
         return 0
 
     return cli_main("fastres", run)

@@ -64,7 +64,12 @@ HEAD = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'test_loss'
        f"{'train_s':>9} {'img/s':>9}"
 
 
-def train(cfg: Config, resume: bool = False, log=print) -> dict:
+def train(cfg: Config, resume: bool = False, log=print, on_epoch=None) -> dict:
+    """One run of cfg into its run folder; returns its record (also RUN_DIR/record.json).
+
+    on_epoch(row) -> None | str: called after each epoch's checkpoint and record are written, with
+    that epoch's table row (a dict); a string it returns ends the run there with that status in
+    the record (a sweep's pruner returns "pruned"). None (the default): every epoch runs."""
     t_start = time.perf_counter()
     check_budget(cfg)  # an over-budget model is refused before any folder or data is touched
     dist = Dist.from_env(cfg.device)
@@ -80,10 +85,11 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             remove_stale_temporaries(out, log)
             link_latest(out)
         stop = held.enter_context(StopRequest(log))
-        return _train(cfg, resume, log, dist, out, stop, t_start)
+        return _train(cfg, resume, log, dist, out, stop, t_start, on_epoch or (lambda row: None))
 
 
-def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest, t_start: float) -> dict:
+def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest, t_start: float,
+           on_epoch) -> dict:
     rt = runtime.resolve(cfg, dist.local_rank, dist.world)
     if cfg.batch_size % dist.world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
@@ -339,6 +345,13 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
                 plot_curves(history, out / CURVES, f"{describe_model(cfg)}, preset {cfg.preset}")
                 tb.add(h)
             dist.barrier()
+            ended = on_epoch(h)
+            if ended:  # asked to end here (a pruned sweep trial): the checkpoint of this epoch stays
+                save_record(ended)
+                log(f"ended after epoch {epoch + 1} of {cfg.epochs}: {ended}")
+                tb.close()
+                dist.close()
+                return record
     except KeyboardInterrupt:  # Ctrl-C pressed twice: stop at once (a checkpoint write in flight is dropped)
         raise interrupted(f"during epoch {epoch + 1}") from None
     except OutputError:
