@@ -23,9 +23,9 @@ setup(
     # tensorboard: optional for users (--tensorboard); the tests read back what it writes.
     # pytest-xdist: the test command runs the tests in 2 processes (`pytest -n 2`).
     # postgres: a PostgreSQL server as the study storage shared by several machines.
-    extras_require={"postgres": ["psycopg2-binary>=2.9"],
+    extras_require={"postgres": ["psycopg[binary]>=3.1"],
                     "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "tensorboard",
-                             "psycopg2-binary>=2.9"]},
+                             "psycopg[binary]>=3.1"]},
     entry_points={
         "console_scripts": [
             "fastres=fastres.cli:main",

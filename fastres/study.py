@@ -413,13 +413,16 @@ def counts(study) -> dict:
 
 
 def work(spec: SweepSpec, study, out: Path, log=print) -> int:
-    """Run trials until the sweep has what it asked for (or its time limit, or a stop request).
-    Returns the number of trials this worker ran."""
-    t0, ran = time.monotonic(), 0
+    """Run trials until the sweep has what it asked for (or its time limit, or a stop request),
+    then wait while other workers still run trials, taking up any whose worker dies. Returns the
+    number of trials this worker ran."""
+    optuna = _optuna()
+    t0, ran, said = time.monotonic(), 0, False
     with StopRequest(log) as stop:
         objective = Objective(spec, study, out, stop, log)
         while True:
-            reclaim_local(study, log)
+            optuna.storages.fail_stale_trials(study)  # other machines' dead workers (heartbeat)
+            reclaim_local(study, log)                  # this machine's (their pid is gone)
             if stop.signum:
                 raise Interrupted("stopped between trials; every trial resumes", stop.signum)
             if spec.time_limit_s and time.monotonic() - t0 > spec.time_limit_s:
@@ -429,14 +432,23 @@ def work(spec: SweepSpec, study, out: Path, log=print) -> int:
             started = c["complete"] + c["pruned"] + c["running"]
             # a grid runs what is queued (retries included); a sampled sweep asks for new
             # configurations until `trials` have started, then runs what is still queued
-            if c["waiting"] == 0 and (spec.is_grid or started >= spec.n_trials()):
-                break
-            if spec.is_grid and started >= spec.n_trials():
-                break
+            nothing = (c["waiting"] == 0 and (spec.is_grid or started >= spec.n_trials())) or \
+                (spec.is_grid and started >= spec.n_trials())
+            if nothing:
+                if c["running"] == 0:
+                    break
+                if not said:
+                    log(f"waiting for {c['running']} trial(s) running in other workers (taken up here if "
+                        "their worker dies)")
+                    said = True
+                _sleep(min(spec.heartbeat_s, 5), stop)
+                continue
+            said = False
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialError,), gc_after_trial=True)
-            except BaseException as e:  # stopped, or a problem no trial can get past (data, disk, a bug):
-                # the trial was not the problem, so it is queued again for when the worker is restarted
+            except (Interrupted, KeyboardInterrupt, Exception) as e:
+                # stopped, or a problem no trial can get past (data, disk, a bug): the trial was
+                # not at fault, so it is queued again for when a worker runs
                 if objective.current is not None:
                     requeue(study, objective.current._trial_id, "", failed=True)
                 if isinstance(e, KeyboardInterrupt):
@@ -445,3 +457,9 @@ def work(spec: SweepSpec, study, out: Path, log=print) -> int:
             ran += 1
             objective.current = None
     return ran
+
+
+def _sleep(seconds: float, stop: StopRequest) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not stop.signum:
+        time.sleep(0.25)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step install of fastres on a fresh Debian/Ubuntu machine (Python >= 3.11).
 # Safe to run twice: every step is skipped or a no-op when already done.
-#   1. Debian packages that FFCV's C helper builds against (OpenCV, libturbojpeg, pkg-config).
+#   1. Debian packages that FFCV's C helper builds against (OpenCV, libturbojpeg, pkg-config), and
+#      PostgreSQL's server binaries for the sweep tests (not started: the tests start their own).
 #   2. A virtual environment in ./.venv (or the one named by $VENV).
 #   3. torch/torchvision FIRST: ffcv's build would otherwise pull an arbitrary torch.
 #   4. fastres itself (editable) with its test extra; this builds ffcv 1.0.2 from source.
@@ -13,6 +14,8 @@ apt_pkgs=""
 for p in libopencv-dev libturbojpeg0-dev pkg-config; do
   dpkg -s "$p" >/dev/null 2>&1 || apt_pkgs="$apt_pkgs $p"
 done
+# The tests start a real PostgreSQL server (the study storage several machines share): its binaries.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || apt_pkgs="$apt_pkgs postgresql"
 # A bare Debian/Ubuntu may also lack a C++ compiler, Python headers or venv (ffcv compiles a C helper).
 command -v g++ >/dev/null 2>&1 || apt_pkgs="$apt_pkgs build-essential"
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
