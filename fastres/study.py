@@ -292,7 +292,7 @@ class Objective:
         for k, v in {"folder": str(folder.relative_to(self.out)), "host": _host(), "pid": os.getpid(),
                      "status": "running"}.items():
             trial.set_user_attr(k, v)
-        what = " ".join(f"{k}={v}" for k, v in params.items())
+        what = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         try:
             cfgs = [self.spec.config(params, s, str(folder / f"seed{s}")) for s in self.spec.seeds]
         except ConfigError as e:
