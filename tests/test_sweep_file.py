@@ -7,6 +7,7 @@ import itertools
 import optuna
 import pytest
 
+from conftest import REPO
 from fastres.cli import main
 from fastres.config import make_config
 from fastres.sweepfile import SweepError, load_sweep
@@ -106,3 +107,11 @@ def test_settings_on_the_command_line_belong_in_the_file(tmp_path, capsys):
     assert "need a sweep file" in capsys.readouterr().err
     assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
     assert "sweep file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.toml")), ids=lambda p: p.name)
+def test_the_example_sweep_files_are_valid(path):
+    spec = load_sweep(path)
+    assert spec.space and spec.n_trials() > 0
+    if spec.is_grid:  # every configuration of a grid builds
+        assert all(spec.config(p, spec.seeds[0]) for p in spec.grid())
