@@ -73,7 +73,7 @@ def shown_url(url: str) -> str:
         return url.split("@")[-1]
 
 
-def open_storage(url: str, heartbeat_s: int = 60):
+def open_storage(url: str, heartbeat_s: int = 60, timeout_s: float = 60.0):
     """An Optuna storage for `url`: an SQLAlchemy URL (sqlite:///PATH, postgresql://USER@HOST/DB,
     mysql://...) or journal:PATH (Optuna's journal file, for a shared filesystem). One line and exit
     status 2 if it cannot be opened or reached."""
@@ -91,9 +91,9 @@ def open_storage(url: str, heartbeat_s: int = 60):
     import sqlalchemy.exc
 
     if url.startswith("sqlite:"):
-        connect = {"timeout": 60}  # s: a writer waits this long for another's lock, then gives up
+        connect = {"timeout": timeout_s}  # s: a writer waits this long for another's lock, then gives up
     elif url.startswith(("postgresql", "mysql")):
-        connect = {"connect_timeout": 10}  # s: an unreachable server fails in seconds, not minutes
+        connect = {"connect_timeout": max(1, round(timeout_s))}  # s: an unreachable server fails in that time
     else:
         connect = {}
     try:
@@ -103,6 +103,19 @@ def open_storage(url: str, heartbeat_s: int = 60):
             heartbeat_stale_trial_callback=_retry())
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
         raise SweepError(f"--storage {shown}: cannot open the study storage ({_first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def storage_errors(url: str):
+    """A storage that fails mid-sweep (locked past the timeout, the server gone): one line, exit
+    status 2, rather than SQLAlchemy's traceback; the trial in hand was queued again if it could be."""
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise SweepError(f"--storage {shown_url(url)}: {_first_line(e)} (the sweep stopped; run it again to "
+                         "continue)") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -302,6 +315,7 @@ class Objective:
             raise TrialError(str(e)) from None
         n = check_budget(dataclasses.replace(cfgs[0], max_params=0))  # counted on the meta device: ms
         trial.set_user_attr("parameters", n)
+        trial.set_user_attr("config", {k: v for k, v in cfgs[0].to_dict().items() if k not in ("seed", "out")})
         if self.spec.max_params and n > self.spec.max_params:
             trial.set_user_attr("status", "over_budget")
             self.log(f"trial {number:04d} ({what}): {n:,} parameters, over the budget of {self.spec.max_params:,}; "

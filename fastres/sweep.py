@@ -60,36 +60,38 @@ def run_sweep_file(path: str, out: str | None = None, storage: str | None = None
                    report_only: bool = False, worker: int | None = None, log=print) -> int:
     """`fastres sweep FILE`: open (or join) the study, say what will run and for about how long,
     run the trials in `workers` processes (this one when 1), then print and save the leaderboard."""
-    from .study import check_folder, claim_folder, default_url, open_storage, open_study, work
+    from .study import check_folder, claim_folder, default_url, open_storage, open_study, storage_errors, work
     from .sweepfile import load_sweep
 
     spec = load_sweep(path)
     out = Path(out or f"runs/sweep-{Path(path).stem}")
     url = storage or default_url(out)
     if report_only:
-        return report(spec.name, url, out, log)
+        with storage_errors(url):
+            return report(spec.name, url, out, log)
     if workers < 1:
         raise BadInput(f"--workers: at least 1; got {workers}")
     created = check_folder(out, spec)  # first: the default SQLite file lives in this folder
-    try:
-        study = open_study(spec, open_storage(url, spec.heartbeat_s), url, log)
-    except BaseException:
-        if created:  # a start that failed leaves no folder behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    claim_folder(out, spec, url)
-    if worker is not None:  # one of --workers N's processes: trials only, the parent reports
-        work(spec, study, out, log)
-        return 0
-    log(plan_text(spec, out, url, workers))
-    log(estimate_text(spec, workers))
-    if workers == 1:
-        work(spec, study, out, log)
-    else:
-        status = spawn_workers(path, out, url, workers, spec, log)
-        if status:
-            return status
-    return report(spec.name, url, out, log, study)
+    with storage_errors(url):
+        try:
+            study = open_study(spec, open_storage(url, spec.heartbeat_s, spec.storage_timeout_s), url, log)
+        except BaseException:
+            if created:  # a start that failed leaves no folder behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        claim_folder(out, spec, url)
+        if worker is not None:  # one of --workers N's processes: trials only, the parent reports
+            work(spec, study, out, log)
+            return 0
+        log(plan_text(spec, out, url, workers))
+        log(estimate_text(spec, workers))
+        if workers == 1:
+            work(spec, study, out, log)
+        else:
+            status = spawn_workers(path, out, url, workers, spec, log)
+            if status:
+                return status
+        return report(spec.name, url, out, log, study)
 
 
 def report(name: str, url: str, out: Path, log=print, study=None) -> int:

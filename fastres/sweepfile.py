@@ -20,6 +20,8 @@ The file (every key but [space] optional):
     pruner = "median"            # none | median | halving, on each epoch's test accuracy
     heartbeat_s = 60             # a worker's trial is taken up again by another worker once it
                                  # has not been heard of for twice this (database storages)
+    storage_timeout_s = 60       # how long a worker waits for a locked SQLite file or to connect
+                                 # to a database server before it stops with one line
 
     [fixed]                      # settings every trial shares (any `fastres train --KEY`)
     epochs = 30
@@ -49,7 +51,7 @@ from .errors import BadInput
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "halving")
 TOP_KEYS = {"name", "preset", "seeds", "max_params", "trials", "time_limit", "sampler", "sampler_seed", "pruner",
-            "heartbeat_s", "fixed", "space"}
+            "heartbeat_s", "storage_timeout_s", "fixed", "space"}
 # Settings a sweep sets itself, or that cannot differ between the runs of one study.
 NOT_SWEPT = {"out": "each run's folder is DIR/trials/NNNN/seedS",
              "seed": "list the seeds with seeds = [...]",
@@ -119,6 +121,7 @@ class SweepSpec:
     sampler_seed: int = 0
     pruner: str = "none"
     heartbeat_s: int = 60
+    storage_timeout_s: float = 60.0
     fixed: dict = field(default_factory=dict)
     space: tuple[Entry, ...] = ()
 
@@ -214,6 +217,9 @@ def _parse(raw: dict, path: Path) -> SweepSpec:
     heartbeat = raw.get("heartbeat_s", 60)
     if not isinstance(heartbeat, int) or isinstance(heartbeat, bool) or heartbeat < 1:
         bad(f"heartbeat_s: whole seconds >= 1; got {heartbeat!r}")
+    storage_timeout = raw.get("storage_timeout_s", 60)
+    if not isinstance(storage_timeout, (int, float)) or isinstance(storage_timeout, bool) or storage_timeout <= 0:
+        bad(f"storage_timeout_s: seconds > 0; got {storage_timeout!r}")
     pruner = raw.get("pruner", "none")
     if pruner not in PRUNERS:
         bad(f"pruner: one of {', '.join(PRUNERS)}; got {pruner!r}")
@@ -242,7 +248,8 @@ def _parse(raw: dict, path: Path) -> SweepSpec:
         bad(f"sampler_seed: an integer; got {sampler_seed!r}")
     spec = SweepSpec(name=str(raw.get("name", path.stem)), path=str(path), preset=preset, seeds=tuple(seeds),
                      max_params=max_params, trials=trials, time_limit_s=time_limit, sampler=sampler,
-                     sampler_seed=sampler_seed, pruner=pruner, heartbeat_s=heartbeat, fixed=fixed, space=entries)
+                     sampler_seed=sampler_seed, pruner=pruner, heartbeat_s=heartbeat,
+                     storage_timeout_s=float(storage_timeout), fixed=fixed, space=entries)
     # Each choice (and each end of a range) is checked with the fixed settings now, so that a typo
     # stops the sweep before its first trial rather than failing one trial in the middle of it.
     for e in entries:

@@ -91,6 +91,10 @@ def test_two_workers_share_a_grid_each_configuration_once(tmp_path, small_data):
     assert list(rows[0])[:6] == ["rank", "trial", "state", "widths", "lr", "parameters"]
     assert [float(r["acc_mean"]) for r in rows[:3]] == sorted((t.value for t in done), reverse=True)
     assert [r["rank"] for r in rows[:3]] == ["1", "2", "3"] and rows[3]["state"] == "over_budget"
+    # the Pareto column: a trial is on it unless another has no more parameters and no less accuracy
+    pts = [(int(r["parameters"]), float(r["acc_mean"])) for r in rows[:3]]
+    beaten = [any(q != p and q[0] <= p[0] and q[1] >= p[1] for q in pts) for p in pts]
+    assert [r["pareto"] == "True" for r in rows[:3]] == [not b for b in beaten]
     for png in ("accuracy_vs_params.png", "accuracy_vs_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "over budget  0003 (widths=64,128,256 lr=0.1)" in r.stdout
@@ -207,6 +211,19 @@ def test_unusable_storages_and_folders_stop_with_one_line(tmp_path, small_data, 
     (tmp_path / "d").mkdir()
     claim_folder(tmp_path / "d", load_sweep(other / "study.toml"), url)
     fails(["--out", tmp_path / "d"], 2, ["holds the trials of another sweep", "space: lr differ"])
+    # an SQLite file another process keeps locked past the sweep's storage timeout
+    import sqlite3
+
+    (tmp_path / "locked").mkdir()
+    con = sqlite3.connect(tmp_path / "locked" / "study.db", isolation_level=None)
+    con.execute("CREATE TABLE t (x)")
+    con.execute("BEGIN EXCLUSIVE")
+    short = sweep_file(tmp_path, small_data, "lr = [0.1, 0.2]", top="storage_timeout_s = 0.5", name="short.toml")
+    assert main(["sweep", str(short), "--out", str(tmp_path / "locked")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "database is locked" in err and len(err.splitlines()) == 1, err
+    con.execute("ROLLBACK")
+    con.close()
     # a report of a study that does not exist yet writes nothing
     fails(["--out", tmp_path / "c", "--report"], 2, ["no study at"])
     assert not (tmp_path / "c").exists()
