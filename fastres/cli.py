@@ -36,11 +36,13 @@ use by another training, 130 interrupted (Ctrl-C; the last checkpoint resumes)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastres", description="Train and evaluate CIFAR-10 ResNets fast: by default the "
+    # allow_abbrev=False: settings are parsed by fastres (--seed), so argparse must not take a
+    # prefix of one of its own options for it (--seed would be read as --seeds)
+    p = argparse.ArgumentParser(prog="fastres", allow_abbrev=False, description="Train and evaluate CIFAR-10 ResNets fast: by default the "
                                 "ResNet-68 of 'Optimizing ResNet Architecture for CIFAR-10 Classification' "
                                 "(Chen and Ge, NYU).")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model (default: the paper preset)",
+    t = sub.add_parser("train", allow_abbrev=False, help="train a model (default: the paper preset)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a CIFAR-10 ResNet. Prints the resolved config, an estimate of the "
                                    "duration, progress (a bar on a terminal, a line every --progress-s "
@@ -51,12 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="paper", help="named recipe (default: paper)")
     t.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR/last.pt (without --out: the run runs/latest points at)")
-    e = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    t.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="one run per seed, in RUN_DIR/seed<S> (RUN_DIR: --out, else a new runs/PRESET/DATE-TIME)")
+    t.add_argument("--pack", type=int, default=1, metavar="K",
+                   help="with --seeds: train K runs at once in this process, advanced in turn (one CUDA "
+                        "stream each on a GPU); default 1: one after another")
+    e = sub.add_parser("eval", allow_abbrev=False, help="test accuracy of a checkpoint")
     e.add_argument("checkpoint", help="a last.pt written by 'fastres train'")
     e.add_argument("--data", default=None, help="folder with the .beton files (default: the run's)")
     e.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    m = sub.add_parser("summary", help="the model's layer table, parameters, multiply-adds and sizes (no data needed)",
+    m = sub.add_parser("summary", allow_abbrev=False, help="the model's layer table, parameters, multiply-adds and sizes (no data needed)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="The model a preset and settings describe, as torchinfo's layer table (layer, "
                                    "output shape, parameters) for one 32x32 image, with the totals: trainable "
@@ -70,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="paper", help="named recipe whose model to start from (default: paper)")
     m.add_argument("--depth-of-table", type=int, default=2, metavar="D",
                    help="nesting depth of the layer table (1: stages only, 2: blocks, 3: every layer; default 2)")
-    s = sub.add_parser("sweep", help="a study on Optuna from a sweep file (or one preset's seeds): trials, "
+    s = sub.add_parser("sweep", allow_abbrev=False, help="a study on Optuna from a sweep file (or one preset's seeds): trials, "
                                      "workers, leaderboard",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="With a sweep FILE (TOML: the base preset, fixed settings, the space, seeds, "
@@ -101,21 +108,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="worker processes on this machine (default 1: this process)")
     s.add_argument("--report", action="store_true", help="print and save the leaderboard; train nothing")
+    s.add_argument("--pack", type=int, default=1, metavar="K",
+                   help="train K runs at once in one process (the seeds of a trial, or of the seed-only form), "
+                        "advanced in turn; one CUDA stream each on a GPU")
     s.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one of --workers N's processes
-    lb = sub.add_parser("leaderboard", help="a sweep folder's ranked trials, CSV and plots",
+    lb = sub.add_parser("leaderboard", allow_abbrev=False, help="a sweep folder's ranked trials, CSV and plots",
                         description="The leaderboard of the sweep whose folder is DIR (its sweep.json names the "
                                     "study and its storage): printed, and saved as DIR/leaderboard.csv, "
                                     "accuracy_vs_params.png and accuracy_vs_time.png.")
     lb.add_argument("dir", metavar="DIR", help="a folder written by 'fastres sweep FILE'")
     lb.add_argument("--storage", default=None, metavar="URL", help="the study's storage, if not the one in sweep.json "
                                                                     "(a URL with a password is stored without it)")
-    c = sub.add_parser("compare", help="runs side by side: a table of speed and accuracy, and a PNG",
+    c = sub.add_parser("compare", allow_abbrev=False, help="runs side by side: a table of speed and accuracy, and a PNG",
                        description="One row per run (preset, switches, device, mean epoch seconds, total "
                                    "training seconds, final and best test accuracy) and a plot of test "
                                    "accuracy against cumulative training seconds, one line per run.")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by 'fastres train'")
     c.add_argument("--png", default="compare.png", help="where to write the plot (default: compare.png)")
     return p
+
+
+def seed_only_settings(args: list[str]) -> list[str]:
+    """The settings of `fastres sweep --preset P --seeds ...`: its arguments without the sweep
+    command's own options (and their values)."""
+    own = {"--preset": 1, "--out": 1, "--pack": 1, "--workers": 1, "--storage": 1, "--seeds": None}
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        key = a.split("=", 1)[0]
+        if key in own:
+            i += 1
+            if "=" in a:
+                continue
+            if own[key] is None:  # --seeds takes every value up to the next option
+                while i < len(args) and not args[i].startswith("--"):
+                    i += 1
+            else:
+                i += own[key]
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def main(argv=None) -> int:
@@ -126,10 +159,16 @@ def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
 
     def run() -> int:
+        nonlocal rest
         if args.command == "train":
             from .train import train
             cfg = make_config(args.preset, parse_overrides(rest))
+            if args.pack != 1 and not args.seeds:
+                raise ConfigError("--pack K packs the runs of --seeds S1 S2 ...: give the seeds")
             try:
+                if args.seeds:
+                    from .packed import train_seeds
+                    return train_seeds(cfg, args.seeds, args.pack, args.resume)
                 train(cfg, resume=args.resume)
             except Interrupted as e:  # say how to continue: the same command with --resume (and --out)
                 out = [] if cfg.out or getattr(e, "run_dir", None) is None else ["--out", str(e.run_dir)]
@@ -151,17 +190,22 @@ def main(argv=None) -> int:
             print(summary_text(summarize(cfg, args.depth_of_table), cfg.max_params))
             check_budget(cfg)  # over --max-params: exit 2, saying by how much
         elif args.command == "sweep":
+            if args.file is not None and (args.preset or args.seeds):
+                # seed-only: what looked like a sweep file was the value of a setting (--data DIR)
+                args.file, rest = None, seed_only_settings(argv[1:])
             if args.file is None:
                 if args.storage or args.report or args.workers != 1:
                     raise ConfigError("--storage, --workers and --report need a sweep file: fastres sweep FILE ...")
                 from .sweep import sweep
-                sweep(args.preset or "tuned", args.seeds or [0, 1, 2], parse_overrides(rest), args.out)
+                sweep(args.preset or "tuned", args.seeds or [0, 1, 2], parse_overrides(rest), args.out,
+                      pack=args.pack)
             else:
                 if rest or args.preset or args.seeds:
                     raise ConfigError("with a sweep file, settings go in the file ([fixed] or [space]), not on the "
                                       f"command line: {' '.join(rest) or '--preset/--seeds'}")
                 from .sweep import run_sweep_file
-                return run_sweep_file(args.file, args.out, args.storage, args.workers, args.report, args.worker)
+                return run_sweep_file(args.file, args.out, args.storage, args.workers, args.report, args.worker,
+                                      pack=args.pack)
         elif args.command == "leaderboard":
             if rest:
                 raise ConfigError(f"unexpected arguments {' '.join(rest)}")

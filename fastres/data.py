@@ -229,7 +229,8 @@ class Batches:
                  train_limit: int | None = None, test_limit: int | None = None, dtype=torch.float32,
                  channels_last: bool = True, augment: bool = True, num_workers: int = -1,
                  distributed: bool = False, rank: int = 0, world: int = 1, compile_augment: bool = False,
-                 placement: str = "stream", cutout: int = 0, mixup: float = 0.0, cutmix: float = 0.0):
+                 placement: str = "stream", cutout: int = 0, mixup: float = 0.0, cutmix: float = 0.0,
+                 shared: dict | None = None):
         d = Path(data_dir)
         # Sizes, image and label counts and SHA-256 of both files against the manifest, before
         # FFCV maps them: a damaged file is one clear message, not an error from inside FFCV.
@@ -242,14 +243,24 @@ class Batches:
         self.mean = torch.tensor(self.manifest["mean"], dtype=torch.float32, device=device)
         self.std = torch.tensor(self.manifest["std"], dtype=torch.float32, device=device)
         if placement == "device":
-            train_x, self.train_y = read_all(d / TRAIN_FILE, device, train_limit, num_workers=num_workers)
-            # Held zero-padded by PAD (240 MB instead of 154 MB for CIFAR-10's training set), so a
-            # batch is cropped straight out of it (gather_augment_normalize); train_x is the
-            # unpadded view of the same memory.
-            self.train_padded = torch.nn.functional.pad(train_x, (0, 0, PAD, PAD, PAD, PAD))
+            # shared: one copy on the device for several runs of one process (a packed group),
+            # keyed by what it holds; each run draws its own order from its own seed
+            key = (str(d.resolve()), str(device), train_limit, test_limit, rank, world)
+            if shared is None or key not in shared:
+                train_x, train_y = read_all(d / TRAIN_FILE, device, train_limit, num_workers=num_workers)
+                # Held zero-padded by PAD (240 MB instead of 154 MB for CIFAR-10's training set), so a
+                # batch is cropped straight out of it (gather_augment_normalize); train_x is the
+                # unpadded view of the same memory.
+                padded = torch.nn.functional.pad(train_x, (0, 0, PAD, PAD, PAD, PAD))
+                del train_x
+                test = read_all(d / TEST_FILE, device, test_limit, (rank, world), num_workers)
+                if shared is not None:
+                    shared[key] = (padded, train_y, *test)
+            else:
+                padded, train_y, *test = shared[key]
+            self.train_padded, self.train_y = padded, train_y
             self.train_x = self.train_padded[:, PAD:-PAD, PAD:-PAD]
-            del train_x
-            self.test_x, self.test_y = read_all(d / TEST_FILE, device, test_limit, (rank, world), num_workers)
+            self.test_x, self.test_y = test
             self.steps = len(self.train_y) // world // batch_size  # drop_last, per rank
         else:
             self.train_loader = make_loader(d / TRAIN_FILE, batch_size, device, True, seed, train_limit,

@@ -96,13 +96,20 @@ def open_storage(url: str, heartbeat_s: int = 60, timeout_s: float = 60.0):
         connect = {"connect_timeout": max(1, round(timeout_s))}  # s: an unreachable server fails in that time
     else:
         connect = {}
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
-            heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-            heartbeat_stale_trial_callback=_retry())
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-        raise SweepError(f"--storage {shown}: cannot open the study storage ({_first_line(e)})") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
+                heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=_retry())
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            # workers started together on a new database all create Optuna's tables; all but one
+            # collide (PostgreSQL: duplicate key in pg_type) and find the tables there a moment later
+            if attempt == 4:
+                raise SweepError(f"--storage {shown}: cannot open the study storage ({_first_line(e)})") from None
+            time.sleep(0.5 * (attempt + 1))
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+            raise SweepError(f"--storage {shown}: cannot open the study storage ({_first_line(e)})") from None
 
 
 @contextlib.contextmanager
@@ -124,10 +131,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def _retry():
+    """Optuna's retry callback (a failed trial queued again with its choices and its reports, so a
+    pruner judges the whole curve), minus the old attempt's worker: a retry taken by a new worker
+    must never look like a trial of a dead process before that worker has named itself."""
+    import copy
+
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    # the new attempt keeps the reports of the first, so a pruner judges the whole curve
-    return RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    class Retry(RetryHeartbeatStaleTrialCallback):
+        def __call__(self, study, trial):
+            trial = copy.deepcopy(trial)
+            trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("pid", "host", "status", "why")}
+            super().__call__(study, trial)
+
+    return Retry(inherit_intermediate_values=True)
 
 
 def make_sampler(spec: SweepSpec):
@@ -275,8 +292,8 @@ class Objective:
     """The study's objective: one configuration, trained once per seed. Small on purpose: the
     study, its storage and the retry callback carry the bookkeeping."""
 
-    def __init__(self, spec: SweepSpec, study, out: Path, stop: StopRequest, log=print):
-        self.spec, self.study, self.out, self.stop, self.log = spec, study, out, stop, log
+    def __init__(self, spec: SweepSpec, study, out: Path, stop: StopRequest, log=print, pack: int = 1):
+        self.spec, self.study, self.out, self.stop, self.log, self.pack = spec, study, out, stop, log, max(1, pack)
         self.current = None  # the trial being run, for queuing it again if the worker is stopped
 
     def __call__(self, trial) -> float:
@@ -321,23 +338,27 @@ class Objective:
             self.log(f"trial {number:04d} ({what}): {n:,} parameters, over the budget of {self.spec.max_params:,}; "
                      "not trained")
             raise optuna.TrialPruned("over budget")
-        records = []
-        for i, cfg in enumerate(cfgs):
-            rec = _finished(cfg)
-            if rec is None:
-                if self.stop.signum:
-                    raise Interrupted("stopped before the next run", self.stop.signum)
-                resume = any((Path(cfg.out) / f).exists() for f in RUN_FILES)
-                self.log(f"trial {number:04d} seed {cfg.seed} ({what}): {'resuming' if resume else 'training'} "
-                         f"in {cfg.out}")
-                rec = self._train(cfg, resume, trial if i == 0 else None, number)
-            if rec["status"] == "pruned":
-                trial.set_user_attr("status", "pruned")
-                trial.set_user_attr("pruned_at_epoch", len(rec["epochs"]))
-                self.log(f"trial {number:04d} ({what}): pruned after epoch {len(rec['epochs'])} "
-                         f"(test accuracy {rec['epochs'][-1]['test_acc']:.2%})")
-                raise optuna.TrialPruned(f"pruned after epoch {len(rec['epochs'])}")
-            records.append(rec)
+        records = {i: _finished(cfg) for i, cfg in enumerate(cfgs)}  # finished runs are read, not rerun
+        todo = [i for i, rec in records.items() if rec is None]
+        for g in range(0, len(todo), self.pack):  # the trial's unfinished seeds, `pack` at a time
+            if self.stop.signum:
+                raise Interrupted("stopped before the next run", self.stop.signum)
+            group = todo[g:g + self.pack]
+            for i in group:
+                resume = any((Path(cfgs[i].out) / f).exists() for f in RUN_FILES)
+                self.log(f"trial {number:04d} seed {cfgs[i].seed} ({what}): {'resuming' if resume else 'training'} "
+                         f"in {cfgs[i].out}")
+            # the first seed's epochs are reported to the pruner
+            records.update(self._train([cfgs[i] for i in group], [trial if i == 0 else None for i in group], number))
+            for i in group:
+                rec = records[i]
+                if rec["status"] == "pruned":
+                    trial.set_user_attr("status", "pruned")
+                    trial.set_user_attr("pruned_at_epoch", len(rec["epochs"]))
+                    self.log(f"trial {number:04d} ({what}): pruned after epoch {len(rec['epochs'])} "
+                             f"(test accuracy {rec['epochs'][-1]['test_acc']:.2%})")
+                    raise optuna.TrialPruned(f"pruned after epoch {len(rec['epochs'])}")
+        records = [records[i] for i in range(len(cfgs))]
         s = trial_summary(records)
         for k, v in {**s, "status": "complete"}.items():
             trial.set_user_attr(k, v)
@@ -345,29 +366,49 @@ class Objective:
                  f"{list(self.spec.seeds)}, {s['parameters']:,} parameters, {duration(s['train_s'])} of training")
         return s["acc_mean"]
 
-    def _train(self, cfg, resume: bool, trial, number: int) -> dict:
+    def _train(self, cfgs: list, trials: list, number: int) -> dict:
+        """Train these runs of the trial (alone, or packed when several): {seed index: record}.
+        Each run's own output goes to its folder's train.log; trials[k] (or None) gets run k's
+        epochs for the pruner. Every run resumes what its folder holds."""
+        from .packed import train_packed
         from .train import train
 
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(cfg.out) / "train.log", "a") as f:
-            def log(*a, **k):
-                print(*a, **k, file=f, flush=True)
+        with contextlib.ExitStack() as files:
+            logs = []
+            for cfg in cfgs:
+                Path(cfg.out).mkdir(parents=True, exist_ok=True)
+                f = files.enter_context(open(Path(cfg.out) / "train.log", "a"))
+                logs.append(lambda *a, f=f, **k: print(*a, **k, file=f, flush=True))
 
-            def on_epoch(h):
-                self.log(f"trial {number:04d} seed {cfg.seed}: epoch {h['epoch']}/{cfg.epochs} test "
-                         f"{h['test_acc']:.2%} ({h['train_s']:.1f} s)")
-                if trial is None:
-                    return None
-                trial.report(h["test_acc"], h["epoch"])
-                return "pruned" if trial.should_prune() else None
+            def on_epoch(cfg, trial):
+                def report(h):
+                    self.log(f"trial {number:04d} seed {cfg.seed}: epoch {h['epoch']}/{cfg.epochs} test "
+                             f"{h['test_acc']:.2%} ({h['train_s']:.1f} s)")
+                    if trial is None:
+                        return None
+                    trial.report(h["test_acc"], h["epoch"])
+                    return "pruned" if trial.should_prune() else None
+                return report
 
-            try:
-                return train(cfg, resume=resume, log=log, on_epoch=on_epoch)
-            except Diverged as e:  # this configuration fails; the sweep goes on
+            hooks = [on_epoch(c, t) for c, t in zip(cfgs, trials)]
+            if len(cfgs) == 1:
+                try:
+                    got = [train(cfgs[0], resume=True, log=logs[0], on_epoch=hooks[0])]
+                except Diverged as e:
+                    got = [e]
+            else:
+                got = train_packed(cfgs, True, self.log, names=[f"seed{c.seed}" for c in cfgs], logs=logs,
+                                   on_epochs=hooks)
+        index = {c.seed: self.spec.seeds.index(c.seed) for c in cfgs}
+        for cfg, r in zip(cfgs, got):
+            if isinstance(r, Diverged):  # this configuration fails; the sweep goes on
                 self.current.set_user_attr("status", "diverged")
-                self.current.set_user_attr("error", str(e))
-                self.log(f"trial {number:04d} seed {cfg.seed}: diverged: {e}")
-                raise TrialError(str(e)) from None
+                self.current.set_user_attr("error", str(r))
+                self.log(f"trial {number:04d} seed {cfg.seed}: diverged: {r}")
+                raise TrialError(str(r))
+            if not isinstance(r, dict):
+                raise r
+        return {index[c.seed]: r for c, r in zip(cfgs, got)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,14 +467,14 @@ def counts(study) -> dict:
     return c
 
 
-def work(spec: SweepSpec, study, out: Path, log=print) -> int:
+def work(spec: SweepSpec, study, out: Path, log=print, pack: int = 1) -> int:
     """Run trials until the sweep has what it asked for (or its time limit, or a stop request),
     then wait while other workers still run trials, taking up any whose worker dies. Returns the
     number of trials this worker ran."""
     optuna = _optuna()
     t0, ran, said = time.monotonic(), 0, False
     with StopRequest(log) as stop:
-        objective = Objective(spec, study, out, stop, log)
+        objective = Objective(spec, study, out, stop, log, pack)
         while True:
             optuna.storages.fail_stale_trials(study)  # other machines' dead workers (heartbeat)
             reclaim_local(study, log)                  # this machine's (their pid is gone)

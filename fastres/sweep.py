@@ -31,21 +31,35 @@ def summarize(records: list[dict]) -> dict:
             "device_name": records[0]["environment"]["device_name"], "torch": records[0]["environment"]["torch"]}
 
 
-def sweep(preset: str, seeds: list[int], overrides: dict, out: str | None = None, log=print) -> dict:
+def sweep(preset: str, seeds: list[int], overrides: dict, out: str | None = None, log=print, pack: int = 1) -> dict:
     out = Path(out or f"runs/sweep-{preset}")
     cfgs = [make_config(preset, {**overrides, "seed": s, "out": str(out / f"seed{s}")}) for s in seeds]
-    records = []
+    records, todo = {}, []
     for cfg in cfgs:
         rec_path = Path(cfg.out) / RECORD
         rec = json.loads(rec_path.read_text()) if rec_path.is_file() else None
         if rec and rec.get("status") == "finished" and from_dict(rec["config"]) == cfg:
             log(f"seed {cfg.seed}: finished run found in {cfg.out}, reading it")
+            records[cfg.seed] = rec
         else:
-            # an unfinished run of this sweep continues (from scratch if it wrote no checkpoint yet)
-            resume = any((Path(cfg.out) / f).exists() for f in RUN_FILES)
+            todo.append(cfg)
+    for g in range(0, len(todo), max(1, pack)):
+        group = todo[g:g + max(1, pack)]
+        for cfg in group:
             log(f"seed {cfg.seed}: {'resuming' if (Path(cfg.out) / CHECKPOINT).is_file() else 'training'} in {cfg.out}")
-            rec = train(cfg, resume=resume)
-        records.append(rec)
+        # an unfinished run of this sweep continues (from scratch if it wrote no checkpoint yet)
+        resume = [any((Path(c.out) / f).exists() for f in RUN_FILES) for c in group]
+        if len(group) == 1:
+            records[group[0].seed] = train(group[0], resume=resume[0])
+        else:
+            from .packed import train_packed
+
+            got = train_packed(group, any(resume), log, names=[f"seed{c.seed}" for c in group])
+            for c, r in zip(group, got):
+                if not isinstance(r, dict):
+                    raise r
+                records[c.seed] = r
+    records = [records[s] for s in seeds]
     s = {"preset": preset, "overrides": overrides, **summarize(records)}
     (out / "summary.json").write_text(json.dumps(s, indent=2))
     log(f"{preset}: test accuracy {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f} % over seeds {seeds}; "
@@ -57,7 +71,7 @@ def sweep(preset: str, seeds: list[int], overrides: dict, out: str | None = None
 # Sweep files
 # ---------------------------------------------------------------------------------------------
 def run_sweep_file(path: str, out: str | None = None, storage: str | None = None, workers: int = 1,
-                   report_only: bool = False, worker: int | None = None, log=print) -> int:
+                   report_only: bool = False, worker: int | None = None, log=print, pack: int = 1) -> int:
     """`fastres sweep FILE`: open (or join) the study, say what will run and for about how long,
     run the trials in `workers` processes (this one when 1), then print and save the leaderboard."""
     from .study import check_folder, claim_folder, default_url, open_storage, open_study, storage_errors, work
@@ -81,14 +95,14 @@ def run_sweep_file(path: str, out: str | None = None, storage: str | None = None
             raise
         claim_folder(out, spec, url)
         if worker is not None:  # one of --workers N's processes: trials only, the parent reports
-            work(spec, study, out, log)
+            work(spec, study, out, log, pack)
             return 0
         log(plan_text(spec, out, url, workers))
         log(estimate_text(spec, workers))
         if workers == 1:
-            work(spec, study, out, log)
+            work(spec, study, out, log, pack)
         else:
-            status = spawn_workers(path, out, url, workers, spec, log)
+            status = spawn_workers(path, out, url, workers, spec, log, pack)
             if status:
                 return status
         return report(spec.name, url, out, log, study)
@@ -265,7 +279,7 @@ def estimate_text(spec, workers: int) -> str:
             f"configuration's multiply-adds, batch and epochs (compiled runs go faster, pruned ones end early)")
 
 
-def spawn_workers(path: str, out: Path, url: str, n: int, spec, log=print) -> int:
+def spawn_workers(path: str, out: Path, url: str, n: int, spec, log=print, pack: int = 1) -> int:
     """`--workers N`: N processes of `fastres sweep FILE --worker K`, each with its own GPU where
     there are several, else sharing the CPU's cores (OMP_NUM_THREADS = cores / N); their output
     goes to DIR/logs/worker-K.log and is echoed here line by line, prefixed with the worker. Ctrl-C
@@ -298,7 +312,7 @@ def spawn_workers(path: str, out: Path, url: str, n: int, spec, log=print) -> in
         files.append(f)
         offsets.append(f.tell())
         cmd = [sys.executable, "-m", "fastres", "sweep", str(path), "--out", str(out), "--storage", url,
-               "--worker", str(k)]
+               "--worker", str(k), "--pack", str(pack)]
         # a session of its own: a Ctrl-C on the terminal reaches this process only, which passes it on once
         procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True))
     where = ", ".join(f"worker {k}: GPU {gpus[k % len(gpus)]}" for k in range(n)) if len(gpus) > 1 else \

@@ -74,22 +74,52 @@ def train(cfg: Config, resume: bool = False, log=print, on_epoch=None) -> dict:
     check_budget(cfg)  # an over-budget model is refused before any folder or data is touched
     dist = Dist.from_env(cfg.device)
     log = log if dist.main else (lambda *a, **k: None)
-    if not cfg.out:  # a new runs/PRESET/DATE-TIME (resuming: the latest run), the same on every rank
+    with contextlib.ExitStack() as held:
+        cfg, out = open_run_dir(cfg, resume, dist, held, log)
+        stop = held.enter_context(StopRequest(log))
+        return drive(run(cfg, resume, log, dist, out, stop, t_start, on_epoch))
+
+
+def open_run_dir(cfg: Config, resume: bool, dist: Dist, held: contextlib.ExitStack, log) -> tuple[Config, Path]:
+    """The run's folder, checked and locked before any heavy work (the lock is held until `held`
+    closes): a new runs/PRESET/DATE-TIME without --out (resuming: the latest run), the same on
+    every rank; a folder that holds another run is refused and left as it is."""
+    if not cfg.out:
         out = latest_run() if resume else new_run_dir(cfg.preset)
         cfg = dataclasses.replace(cfg, out=dist.broadcast_str(str(out)))
-    with contextlib.ExitStack() as held:
-        out = Path(cfg.out)
-        if dist.main:  # before any heavy work: the folder is writable and no other run holds it
-            prepare_out(out, resume)  # a folder that holds another run is refused, left as it is
-            held.enter_context(RunLock(out, log))
-            remove_stale_temporaries(out, log)
-            link_latest(out)
-        stop = held.enter_context(StopRequest(log))
-        return _train(cfg, resume, log, dist, out, stop, t_start, on_epoch or (lambda row: None))
+    out = Path(cfg.out)
+    if dist.main:
+        prepare_out(out, resume)
+        held.enter_context(RunLock(out, log))
+        remove_stale_temporaries(out, log)
+        link_latest(out)
+    return cfg, out
 
 
-def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest, t_start: float,
-           on_epoch) -> dict:
+def drive(steps) -> dict:
+    """Advance a run (the generator run() returns) to its end; its record. A second Ctrl-C that
+    lands between two steps, outside the run, is handed into it, so it stops as it would inside."""
+    pending = None
+    while True:
+        try:
+            steps.throw(pending) if pending is not None else next(steps)
+        except StopIteration as done:
+            return done.value
+        except KeyboardInterrupt as k:
+            if pending is not None:  # the run did not take it: it had not started its epochs
+                raise
+            pending = k
+
+
+def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest, t_start: float,
+        on_epoch=None, progress: bool = True, shared_data: dict | None = None):
+    """The run, top to bottom, as a generator that yields after every training step (so that
+    several runs can be advanced in turn: train_packed) and returns the record. Its phases: set up
+    (switches, data, model, optimizer, schedule, step), check the checkpoint to resume, warm up,
+    resume, then per epoch train, evaluate, checkpoint, record; finish. progress=False: no bar or
+    progress lines (a packed group shows one line for all its runs); shared_data: resident data
+    already on the device, shared by the runs of a packed group (see Batches)."""
+    on_epoch = on_epoch or (lambda row: None)
     rt = runtime.resolve(cfg, dist.local_rank, dist.world)
     if cfg.batch_size % dist.world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
@@ -106,14 +136,14 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
     if dist.world > 1:
         log(f"distributed: world {dist.world}, backend {dist.backend}, per-rank batch {rank_batch}")
 
-    # --- data --------------------------------------------------------------------------------
+    # --- set up: data --------------------------------------------------------------------------
     ensure_data(cfg, dist, log)
     batches = Batches(cfg.data, rank_batch, cfg.eval_batch_size, rt.device, cfg.seed,
                       train_limit=cfg.train_limit or None, test_limit=cfg.test_limit or None,
                       channels_last=rt.channels_last, augment=cfg.augment, num_workers=cfg.loader_workers,
                       distributed=dist.world > 1, rank=dist.rank, world=dist.world,
                       compile_augment=cfg.compile_augment, placement=rt.data_placement,
-                      cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix)
+                      cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix, shared=shared_data)
     steps = len(batches)
     if steps == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {batches.num_train} training images")
@@ -297,9 +327,10 @@ def _train(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequ
             t0 = time.perf_counter()
             # A live bar on a terminal; in a log, a line every cfg.progress_s seconds.
             bar = Progress(batches.train_epoch(epoch), steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress_s,
-                           status=lambda: status(bar, epoch), log=log, enabled=dist.main)
+                           status=lambda: status(bar, epoch), log=log, enabled=dist.main and progress)
             for i, (x, y) in enumerate(bar):
                 step(x, y)
+                yield  # the step is queued: another run may take its turn (train_packed)
                 seen += y.shape[0]  # images (y is (N, classes) under mixup/cutmix)
                 synced = (i + 1) % 25 == 0 or i + 1 == steps  # one host sync per 25 steps
                 if stop_now(synced):

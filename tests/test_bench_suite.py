@@ -17,7 +17,7 @@ def test_every_group_runs_and_reports(small_data, tmp_path):
     for b in data["benchmarks"]:
         by_group.setdefault(b["group"], []).append(b)
         assert b["stats"]["median"] > 0 and b["stats"]["rounds"] >= 1
-    expected = {"loader", "step", "epoch", "kernel_host", "baseline"} | ({"kernels"} if torch.cuda.is_available() else set())
+    expected = {"loader", "step", "epoch", "kernel_host", "baseline", "pack"} | ({"kernels"} if torch.cuda.is_available() else set())
     assert set(by_group) == expected, set(by_group)
     names = {b["name"] for b in by_group["loader"]}
     assert names == {"test_ffcv_device_aug[stream]", "test_ffcv_device_aug[device]", "test_torchvision_dataloader"}
@@ -28,6 +28,8 @@ def test_every_group_runs_and_reports(small_data, tmp_path):
     assert {b["extra_info"].get("design") for b in by_group["step"]} >= {"four_stages_4.8M"}
     assert {b["extra_info"]["path"] for b in by_group["kernel_host"]} == {"launcher_direct", "custom_op"}
     assert {b["extra_info"]["placement"] for b in by_group["epoch"]} == {"stream", "device"}
+    assert {b["extra_info"]["k"] for b in by_group["pack"]} == {1, 2}  # the minimal run: K = 1 and 2
+    assert all(b["extra_info"]["images_per_s"] > 0 for b in by_group["pack"])
     base = {b["name"]: b["extra_info"] for b in by_group["baseline"]}
     assert set(base) == {"test_torchvision_style", "test_fastres_default"}
     assert all(e["epoch_train_s"] > 0 and e["images_per_s"] > 0 for e in base.values())
