@@ -33,12 +33,13 @@ from .train import open_run_dir, run
 
 
 def train_packed(cfgs: list[Config], resume: bool = False, log=print, names: list[str] | None = None,
-                 logs: list | None = None, on_epochs: list | None = None) -> list:
-    """Train cfgs together; per run its record, or the FastresError that ended it (diverged,
-    output). Raises Interrupted once every run has stopped if Ctrl-C (or SIGTERM) asked.
-    names: how the group's lines name each run (default: its folder's name); logs: a log function
-    per run (default: `log`, each line prefixed with the run's name); on_epochs: train()'s
-    on_epoch per run."""
+                 logs: list | None = None, on_epochs: list | None = None, slots: int | None = None) -> list:
+    """Train cfgs, `slots` at a time (default: all at once); per run its record, or the
+    FastresError that ended it (diverged, output). A run that ends leaves its slot to the next
+    one waiting. Raises Interrupted once every started run has stopped if Ctrl-C (or SIGTERM)
+    asked. names: how the group's lines name each run (default: its folder's name); logs: a log
+    function per run (default: `log`, each line prefixed with the run's name); on_epochs:
+    train()'s on_epoch per run."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInput("--pack runs several runs in one process: not under torchrun")
     devices = {str(resolve_device(c.device)) for c in cfgs}
@@ -50,6 +51,7 @@ def train_packed(cfgs: list[Config], resume: bool = False, log=print, names: lis
     dist = Dist()
     device = resolve_device(cfgs[0].device)
     cuda = device.type == "cuda"
+    slots = min(slots or len(cfgs), len(cfgs))
     with contextlib.ExitStack() as held:
         opened = [open_run_dir(c, resume, dist, held, log) for c in cfgs]  # every folder checked and locked first
         names = names or [out.name for _, out in opened]
@@ -58,41 +60,47 @@ def train_packed(cfgs: list[Config], resume: bool = False, log=print, names: lis
         logs = logs or [_prefixed(log, n) for n in names]
         on_epochs = on_epochs or [None] * len(cfgs)
         runs = [run(c, resume, logs[i], dist, out, stop, t_start, on_epochs[i], progress=False, shared_data=shared)
-                for i, (c, out) in enumerate(opened)]
-        streams = [torch.cuda.Stream(device) for _ in runs] if cuda else [None] * len(runs)
+                for i, (c, out) in enumerate(opened)]  # generators: nothing runs before their first turn
+        streams = [torch.cuda.Stream(device) for _ in range(slots)] if cuda else [None] * slots
         results: list = [None] * len(runs)
-        active = list(range(len(runs)))
-        log(f"packed {len(runs)} runs on {device}: {', '.join(names)}" +
+        active, waiting = list(range(slots)), list(range(slots, len(runs)))
+        slot_of = {i: i for i in active}
+        log(f"packed {len(runs)} runs on {device}, {slots} at a time: {', '.join(names)}" +
             (" (one CUDA stream each)" if cuda else " (advanced in turn)"))
-        rounds, last = 0, time.monotonic()
+        rounds, last, checked = 0, time.monotonic(), False
         while active:
             for i in list(active):
                 try:
-                    with torch.cuda.stream(streams[i]) if cuda else contextlib.nullcontext():
+                    with torch.cuda.stream(streams[slot_of[i]]) if cuda else contextlib.nullcontext():
                         next(runs[i])
+                    continue
                 except StopIteration as done:
                     results[i] = done.value
-                    active.remove(i)
                 except KeyboardInterrupt:  # asked twice: every run stops now, each keeping its last checkpoint
                     for j in active:
                         results[j] = _stop_now(runs[j])
-                    active = []
+                    active, waiting = [], []
                     break
                 except torch.OutOfMemoryError:
-                    raise BadInput(f"--pack {len(runs)}: the device ran out of memory setting up run {i + 1} "
-                                   f"({names[i]}); --pack {max(1, i)} may fit") from None
+                    raise BadInput(f"--pack {slots}: the device ran out of memory setting up run {i + 1} "
+                                   f"({names[i]}); --pack {max(1, len(active) - 1)} may fit") from None
                 except FastresError as e:  # this run ends with its status; the others go on
                     results[i] = e
-                    active.remove(i)
                     if not isinstance(e, Interrupted):
                         logs[i](f"ended: {e}")
+                active.remove(i)
+                if waiting and not stop.signum:  # its slot goes to the next run waiting
+                    j = waiting.pop(0)
+                    slot_of[j] = slot_of.pop(i)
+                    active.append(j)
             rounds += 1
-            if rounds == 1 and cuda:
-                torch.cuda.synchronize()  # set-up of every run (the shared data among it) done on its stream
-                _check_memory(len(runs), device)
+            if rounds == 1 and cuda and not checked:
+                torch.cuda.synchronize()  # every run's set-up (the shared data among it) done on its stream
+                _check_memory(slots, device)
+                checked = True
             if time.monotonic() - last >= cfgs[0].progress_s > 0:
                 last = time.monotonic()
-                log(f"packed: {len(runs) - len(active)} of {len(runs)} runs ended, {len(active)} training")
+                log(f"packed: {sum(r is not None for r in results)} of {len(runs)} runs ended, {len(active)} training")
         stopped = [r for r in results if isinstance(r, Interrupted)]
         if stopped:
             raise Interrupted(f"stopped {len(stopped)} packed run(s) at a safe point; each resumes, packed or alone",
@@ -152,19 +160,18 @@ def train_seeds(cfg: Config, seeds: list[int], pack: int = 1, resume: bool = Fal
     else:
         base = new_run_dir(cfg.preset)
     cfgs = [dataclasses.replace(cfg, seed=s, out=str(base / f"seed{s}")) for s in seeds]
-    results = []
     try:
-        for g in range(0, len(cfgs), pack):
-            group = cfgs[g:g + pack]
-            if len(group) == 1:
+        if pack == 1:
+            results = []
+            for c in cfgs:  # one after another, each exactly `fastres train`
                 try:
-                    results.append(train(group[0], resume=resume, log=log))
+                    results.append(train(c, resume=resume, log=log))
                 except FastresError as e:
                     if isinstance(e, (Interrupted, BadInput)):
                         raise
                     results.append(e)
-            else:
-                results += train_packed(group, resume, log, names=[f"seed{c.seed}" for c in group])
+        else:
+            results = train_packed(cfgs, resume, log, names=[f"seed{c.seed}" for c in cfgs], slots=pack)
     except Interrupted as e:
         e.run_dir = base
         raise

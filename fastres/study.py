@@ -340,19 +340,16 @@ class Objective:
             raise optuna.TrialPruned("over budget")
         records = {i: _finished(cfg) for i, cfg in enumerate(cfgs)}  # finished runs are read, not rerun
         todo = [i for i, rec in records.items() if rec is None]
-        for g in range(0, len(todo), self.pack):  # the trial's unfinished seeds, `pack` at a time
+        if todo:  # the trial's unfinished seeds: one after another, or `pack` at a time
             if self.stop.signum:
                 raise Interrupted("stopped before the next run", self.stop.signum)
-            group = todo[g:g + self.pack]
-            for i in group:
-                resume = any((Path(cfgs[i].out) / f).exists() for f in RUN_FILES)
-                self.log(f"trial {number:04d} seed {cfgs[i].seed} ({what}): {'resuming' if resume else 'training'} "
-                         f"in {cfgs[i].out}")
+            group = todo
             # the first seed's epochs are reported to the pruner
-            records.update(self._train([cfgs[i] for i in group], [trial if i == 0 else None for i in group], number))
+            records.update(self._train([cfgs[i] for i in group], [trial if i == 0 else None for i in group], number,
+                                       what))
             for i in group:
                 rec = records[i]
-                if rec["status"] == "pruned":
+                if rec is not None and rec["status"] == "pruned":
                     trial.set_user_attr("status", "pruned")
                     trial.set_user_attr("pruned_at_epoch", len(rec["epochs"]))
                     self.log(f"trial {number:04d} ({what}): pruned after epoch {len(rec['epochs'])} "
@@ -366,7 +363,7 @@ class Objective:
                  f"{list(self.spec.seeds)}, {s['parameters']:,} parameters, {duration(s['train_s'])} of training")
         return s["acc_mean"]
 
-    def _train(self, cfgs: list, trials: list, number: int) -> dict:
+    def _train(self, cfgs: list, trials: list, number: int, what: str) -> dict:
         """Train these runs of the trial (alone, or packed when several): {seed index: record}.
         Each run's own output goes to its folder's train.log; trials[k] (or None) gets run k's
         epochs for the pruner. Every run resumes what its folder holds."""
@@ -390,15 +387,30 @@ class Objective:
                     return "pruned" if trial.should_prune() else None
                 return report
 
+            def starting(cfg):
+                resume = any((Path(cfg.out) / f).exists() for f in RUN_FILES)
+                self.log(f"trial {number:04d} seed {cfg.seed} ({what}): {'resuming' if resume else 'training'} "
+                         f"in {cfg.out}")
+
             hooks = [on_epoch(c, t) for c, t in zip(cfgs, trials)]
-            if len(cfgs) == 1:
-                try:
-                    got = [train(cfgs[0], resume=True, log=logs[0], on_epoch=hooks[0])]
-                except Diverged as e:
-                    got = [e]
+            if len(cfgs) == 1 or self.pack == 1:  # one after another
+                got = []
+                for cfg, log, hook in zip(cfgs, logs, hooks):
+                    starting(cfg)
+                    try:
+                        got.append(train(cfg, resume=True, log=log, on_epoch=hook))
+                    except Diverged as e:
+                        got.append(e)
+                        break
+                    if self.stop.signum:
+                        raise Interrupted("stopped before the next run", self.stop.signum)
+                    if got[-1]["status"] == "pruned":
+                        break
             else:
+                for cfg in cfgs:
+                    starting(cfg)
                 got = train_packed(cfgs, True, self.log, names=[f"seed{c.seed}" for c in cfgs], logs=logs,
-                                   on_epochs=hooks)
+                                   on_epochs=hooks, slots=self.pack)
         index = {c.seed: self.spec.seeds.index(c.seed) for c in cfgs}
         for cfg, r in zip(cfgs, got):
             if isinstance(r, Diverged):  # this configuration fails; the sweep goes on

@@ -43,22 +43,21 @@ def sweep(preset: str, seeds: list[int], overrides: dict, out: str | None = None
             records[cfg.seed] = rec
         else:
             todo.append(cfg)
-    for g in range(0, len(todo), max(1, pack)):
-        group = todo[g:g + max(1, pack)]
-        for cfg in group:
-            log(f"seed {cfg.seed}: {'resuming' if (Path(cfg.out) / CHECKPOINT).is_file() else 'training'} in {cfg.out}")
-        # an unfinished run of this sweep continues (from scratch if it wrote no checkpoint yet)
-        resume = [any((Path(c.out) / f).exists() for f in RUN_FILES) for c in group]
-        if len(group) == 1:
-            records[group[0].seed] = train(group[0], resume=resume[0])
-        else:
-            from .packed import train_packed
+    for cfg in todo:
+        log(f"seed {cfg.seed}: {'resuming' if (Path(cfg.out) / CHECKPOINT).is_file() else 'training'} in {cfg.out}")
+    # an unfinished run of this sweep continues (from scratch if it wrote no checkpoint yet)
+    holds = [any((Path(c.out) / f).exists() for f in RUN_FILES) for c in todo]
+    if pack <= 1 or len(todo) <= 1:
+        for cfg, resume in zip(todo, holds):
+            records[cfg.seed] = train(cfg, resume=resume)
+    elif todo:
+        from .packed import train_packed
 
-            got = train_packed(group, any(resume), log, names=[f"seed{c.seed}" for c in group])
-            for c, r in zip(group, got):
-                if not isinstance(r, dict):
-                    raise r
-                records[c.seed] = r
+        got = train_packed(todo, any(holds), log, names=[f"seed{c.seed}" for c in todo], slots=pack)
+        for c, r in zip(todo, got):
+            if not isinstance(r, dict):
+                raise r
+            records[c.seed] = r
     records = [records[s] for s in seeds]
     s = {"preset": preset, "overrides": overrides, **summarize(records)}
     (out / "summary.json").write_text(json.dumps(s, indent=2))

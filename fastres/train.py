@@ -274,6 +274,8 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
                       train_s_total=round(sum(h["train_s"] for h in history), 3),
                       eval_s_total=round(sum(h["eval_s"] for h in history), 3),
                       wall_s_this_process=round(time.perf_counter() - t_start, 3))
+        if rt.device.type == "cuda":  # this process's peak (a packed group's: all its runs together)
+            record["device_memory_peak_mb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**20, 1)
         if history:
             record.update(final_test_acc=history[-1]["test_acc"], final_test_loss=history[-1]["test_loss"],
                           best_test_acc=max(h["test_acc"] for h in history),

@@ -108,6 +108,7 @@ def _ck_epoch(out):
 
 @pytest.mark.long
 def test_killed_packed_group_resumes_packed_or_alone_to_the_uninterrupted_result(small_data, tmp_path):
+    from fastres.packed import train_seeds
     from fastres.train import train
 
     args = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "epochs": 3}.items()]
@@ -120,13 +121,12 @@ def test_killed_packed_group_resumes_packed_or_alone_to_the_uninterrupted_result
     p.send_signal(signal.SIGKILL)
     p.wait()
     shutil.copytree(group, tmp_path / "copy")
-    # resumed packed
-    r = run_cli(*base, "--out", group, "--seeds", "0", "1", "--pack", "2", "--resume")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "packed 2 runs" in r.stdout
-    # seed 1 of the copy resumed alone, in a process of its own
-    r = run_cli(*base, "--out", tmp_path / "copy" / "seed1", "--seed", 1, "--resume")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # resumed packed, and seed 1 of the copy resumed alone (in this process: the same code as the
+    # command, without another start-up)
+    lines = []
+    assert train_seeds(cfg(small_data, group, epochs=3), [0, 1], pack=2, resume=True, log=lines.append) == 0
+    assert any("packed 2 runs" in line for line in lines)
+    train(cfg(small_data, tmp_path / "copy" / "seed1", epochs=3, seed=1), resume=True, log=lambda *a, **k: None)
     for s, places in ((0, [group]), (1, [group, tmp_path / "copy"])):
         want = train(cfg(small_data, tmp_path / f"alone{s}", epochs=3, seed=s), log=lambda *a, **k: None)
         for where in places:

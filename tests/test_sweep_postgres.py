@@ -76,11 +76,16 @@ def _study(url: str, name: str):
 
 
 @pytest.mark.long
-def test_two_machines_share_one_study_on_postgresql(tmp_path, small_data, postgres):
+def test_two_machines_share_one_study_on_postgresql(tmp_path, small_data, postgres, monkeypatch):
+    from fastres.sweep import run_sweep_file
+
     path = sweep_file(tmp_path, small_data, "lr = [0.02, 0.05, 0.1, 0.2, 0.3, 0.4]", top='name = "machines"')
-    a, b = _worker(path, tmp_path / "a", postgres, "a"), _worker(path, tmp_path / "b", postgres, "b")
-    outs = [p.communicate(timeout=600)[0] for p in (a, b)]
-    assert [a.returncode, b.returncode] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    # machine a: another process; machine b: this one, at the same time
+    a = _worker(path, tmp_path / "a", postgres, "a")
+    monkeypatch.setenv("FASTRES_WORKER_HOST", "b")
+    assert run_sweep_file(str(path), str(tmp_path / "b"), postgres, log=lambda *a, **k: None) == 0
+    out = a.communicate(timeout=600)[0]
+    assert a.returncode == 0, out[-3000:]
     ts = _study(postgres, "machines").get_trials()
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ts)
     assert sorted(t.params["lr"] for t in ts) == [0.02, 0.05, 0.1, 0.2, 0.3, 0.4]  # each once
@@ -100,7 +105,9 @@ def test_two_machines_share_one_study_on_postgresql(tmp_path, small_data, postgr
 
 
 @pytest.mark.long
-def test_a_dead_machines_trial_is_taken_up_elsewhere_after_its_heartbeat(tmp_path, small_data, postgres):
+def test_a_dead_machines_trial_is_taken_up_elsewhere_after_its_heartbeat(tmp_path, small_data, postgres, monkeypatch):
+    from fastres.sweep import run_sweep_file
+
     # one folder on storage both machines see (a shared filesystem), heartbeat every second
     path = sweep_file(tmp_path, small_data, "lr = [0.1]", top='name = "heartbeat"\nheartbeat_s = 1', epochs=3)
     out = tmp_path / "shared"
@@ -110,9 +117,11 @@ def test_a_dead_machines_trial_is_taken_up_elsewhere_after_its_heartbeat(tmp_pat
     a.send_signal(signal.SIGKILL)
     a.wait()
     t0 = time.monotonic()
-    b = _worker(path, out, postgres, "b")  # another host: it cannot tell a's pid, only the heartbeat
-    log = b.communicate(timeout=600)[0]
-    assert b.returncode == 0, log[-3000:]
+    # machine b (this process): it cannot tell a's pid, only that a's heartbeat stopped
+    monkeypatch.setenv("FASTRES_WORKER_HOST", "b")
+    lines = []
+    assert run_sweep_file(str(path), str(out), postgres, log=lines.append) == 0
+    log = "\n".join(map(str, lines))
     ts = _study(postgres, "heartbeat").get_trials()
     assert [t.state for t in ts] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert ts[0].user_attrs["host"] == "a" and ts[1].user_attrs["host"] == "b"
