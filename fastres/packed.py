@@ -67,12 +67,29 @@ def train_packed(cfgs: list[Config], resume: bool = False, log=print, names: lis
         slot_of = {i: i for i in active}
         log(f"packed {len(runs)} runs on {device}, {slots} at a time: {', '.join(names)}" +
             (" (one CUDA stream each)" if cuda else " (advanced in turn)"))
-        rounds, last, checked = 0, time.monotonic(), False
+        last = time.monotonic()
+
+        def advance(i):
+            with torch.cuda.stream(streams[slot_of[i]]) if cuda else contextlib.nullcontext():
+                next(runs[i])
+
+        def ready(i):
+            """Run i set up and warmed up (its first turn), before any epoch of the group is timed."""
+            try:
+                advance(i)
+            except torch.OutOfMemoryError:
+                raise BadInput(f"--pack {slots}: the device ran out of memory setting up run {i + 1} "
+                               f"({names[i]}); --pack {max(1, len(active) - 1)} may fit") from None
+
+        for i in active:
+            ready(i)
+        if cuda:
+            torch.cuda.synchronize()  # every run's set-up (the shared data among it) done on its stream
+            _check_memory(slots, device)
         while active:
             for i in list(active):
                 try:
-                    with torch.cuda.stream(streams[slot_of[i]]) if cuda else contextlib.nullcontext():
-                        next(runs[i])
+                    advance(i)
                     continue
                 except StopIteration as done:
                     results[i] = done.value
@@ -81,9 +98,6 @@ def train_packed(cfgs: list[Config], resume: bool = False, log=print, names: lis
                         results[j] = _stop_now(runs[j])
                     active, waiting = [], []
                     break
-                except torch.OutOfMemoryError:
-                    raise BadInput(f"--pack {slots}: the device ran out of memory setting up run {i + 1} "
-                                   f"({names[i]}); --pack {max(1, len(active) - 1)} may fit") from None
                 except FastresError as e:  # this run ends with its status; the others go on
                     results[i] = e
                     if not isinstance(e, Interrupted):
@@ -93,11 +107,7 @@ def train_packed(cfgs: list[Config], resume: bool = False, log=print, names: lis
                     j = waiting.pop(0)
                     slot_of[j] = slot_of.pop(i)
                     active.append(j)
-            rounds += 1
-            if rounds == 1 and cuda and not checked:
-                torch.cuda.synchronize()  # every run's set-up (the shared data among it) done on its stream
-                _check_memory(slots, device)
-                checked = True
+                    ready(j)
             if time.monotonic() - last >= cfgs[0].progress_s > 0:
                 last = time.monotonic()
                 log(f"packed: {sum(r is not None for r in results)} of {len(runs)} runs ended, {len(active)} training")

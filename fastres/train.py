@@ -113,8 +113,9 @@ def drive(steps) -> dict:
 
 def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest, t_start: float,
         on_epoch=None, progress: bool = True, shared_data: dict | None = None):
-    """The run, top to bottom, as a generator that yields after every training step (so that
-    several runs can be advanced in turn: train_packed) and returns the record. Its phases: set up
+    """The run, top to bottom, as a generator that yields once set up and warmed up, then after
+    every training step (so that several runs can be advanced in turn: train_packed), and returns
+    the record. Its phases: set up
     (switches, data, model, optimizer, schedule, step), check the checkpoint to resume, warm up,
     resume, then per epoch train, evaluate, checkpoint, record; finish. progress=False: no bar or
     progress lines (a packed group shows one line for all its runs); shared_data: resident data
@@ -314,6 +315,9 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
             return stop.signum != 0
         return synced and dist.sum(torch.tensor(int(stop.signum != 0), device=rt.device)).item() > 0
 
+    # Set up, warmed up and resumed: a packed group brings all its runs here before any starts
+    # its epochs (so that no run's first epoch is timed over another's warm-up).
+    yield
     # --- epochs ------------------------------------------------------------------------------
     log(HEAD)
     for h in history:

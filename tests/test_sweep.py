@@ -232,3 +232,16 @@ def test_unusable_storages_and_folders_stop_with_one_line(tmp_path, small_data, 
     # a report of a study that does not exist yet writes nothing
     fails(["--out", tmp_path / "c", "--report"], 2, ["no study at"])
     assert not (tmp_path / "c").exists()
+
+
+def test_time_limit_starts_no_trial_after_it_and_the_rest_stay_queued(tmp_path, small_data):
+    from fastres.sweep import run_sweep_file
+
+    path = sweep_file(tmp_path, small_data, "lr = [0.05, 0.1, 0.2]", top='time_limit = "1s"')
+    lines = []
+    assert run_sweep_file(str(path), str(tmp_path / "sweep"), log=lines.append) == 0
+    ts = trials(tmp_path / "sweep")
+    # the first trial starts at once and takes longer than a second; then no other starts
+    assert [t.state for t in ts] == [optuna.trial.TrialState.COMPLETE] + [optuna.trial.TrialState.WAITING] * 2
+    assert any("time limit (1.0 s) reached" in str(line) for line in lines)
+    assert "not finished: 0 running, 2 queued" in "\n".join(map(str, lines))
