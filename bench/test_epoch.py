@@ -1,6 +1,6 @@
 """Group 'epoch': a short real training run, epoch time next to accuracy.
 
-CPU: one epoch of the `smoke` preset on 5,000 images. CUDA: 3 epochs of the `paper` preset. extra_info holds the per-epoch
+CPU: one epoch of the `smoke` preset on 3,000 images. CUDA: 3 epochs of the `paper` preset. extra_info holds the per-epoch
 training time (device-synchronized, evaluation excluded), images/s and final test accuracy, so a
 speed-up bought with accuracy shows up here.
 """
@@ -15,9 +15,9 @@ def test_epoch(benchmark, bench_data, tmp_path, placement):
     from fastres.config import make_config
     from fastres.train import train
 
-    # CPU: one epoch of the smoke preset on 5,000 images (its full 3 x 10,000 took ~3 min per case
+    # CPU: one epoch of the smoke preset on 3,000 images (its full 3 x 10,000 took ~3 min per case
     # on a 2-core AVX2 CPU)
-    preset, over = ("paper", {"epochs": 3}) if CUDA else ("smoke", {"epochs": 1, "train_limit": 5000})
+    preset, over = ("paper", {"epochs": 3}) if CUDA else ("smoke", {"epochs": 1, "train_limit": 3000})
     if MINIMAL:
         over = {"depth": 8, "epochs": 1, "train_limit": 200, "test_limit": 100, "batch_size": 50}
         preset = "smoke"

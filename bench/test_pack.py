@@ -23,8 +23,8 @@ def test_pack(benchmark, bench_data, tmp_path, k):
     from fastres.packed import train_packed
 
     # one short epoch per run: 100 steps of 64 on a GPU, 3 on a CPU (ResNet-68 there: ~0.7 s a step)
-    over = {"epochs": 1, "train_limit": 6400 if CUDA else 192, "test_limit": 1000 if CUDA else 100,
-            "eval_batch_size": 1000 if CUDA else 100, "compile_augment": CUDA}
+    over = {"epochs": 1, "train_limit": 6400 if CUDA else 192, "test_limit": 1000 if CUDA else 64,
+            "eval_batch_size": 1000 if CUDA else 64, "compile_augment": CUDA}
     if MINIMAL:
         over.update(depth=8, train_limit=128, test_limit=50, eval_batch_size=50)
         if k > 2:

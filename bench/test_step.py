@@ -101,7 +101,7 @@ def measure_step(benchmark, cfg, name: str, cpu_rounds: int = 5, **info):
         return loss
 
     _, warm = timed(lambda: [step(x, y) for _ in range(3 if rt.compile_mode else 1)])
-    rounds = 1 if MINIMAL or emulated else 5 if CUDA else (3 if cfg.batch_size == 512 else cpu_rounds)
+    rounds = 1 if MINIMAL or emulated else 5 if CUDA else (2 if cfg.batch_size == 512 else cpu_rounds)
     loss = benchmark.pedantic(run, rounds=rounds, iterations=1)
     assert torch.isfinite(loss)
     benchmark.extra_info.update(
