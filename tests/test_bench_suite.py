@@ -80,7 +80,7 @@ def test_summary_ratios_noise_changes_and_accuracy_check():
     assert drop.startswith("test_epoch: test accuracy 45.00% -> 40.00%")
 
 
-@pytest.mark.long
+@pytest.mark.slow  # out of the default run's 25-minute budget on 2 cores (about 1.5 min on a 2-core AVX2 CPU)
 def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
     """The GPU record's phases, exercised on CPU with a tiny run (its numbers mean nothing)."""
     work, out = tmp_path / "work", tmp_path / "results"
@@ -176,6 +176,7 @@ def test_kernel_goals_table_compares_fused_with_compile():
     assert lines[2] == "| 64x16x32x32 | fwd | graph | 2.0 | 3.0 | 8.0 | 1.50x | 25% |"
 
 
+@pytest.mark.slow  # out of the default run's 25-minute budget on 2 cores (about 1.5 min on a 2-core AVX2 CPU)
 def test_accuracy_drop_against_the_saved_run_fails_the_bench(small_data, tmp_path):
     """--accuracy-drop-fail: the epoch case is saved, its saved accuracy raised by 10 points, and the
     comparison run fails naming the drop (exit 1); with a looser limit it passes."""

@@ -97,7 +97,7 @@ def test_test_batches_equal_the_streaming_ones(small_data):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
 
 
-@pytest.mark.long
+@pytest.mark.slow  # out of the default run's 25-minute budget on 2 cores (about 1.5 min on a 2-core AVX2 CPU)
 def test_a_short_run_learns_as_well_as_streaming(small_data, tmp_path):
     acc = {}
     for placement in ("stream", "device"):
@@ -113,6 +113,7 @@ def test_a_short_run_learns_as_well_as_streaming(small_data, tmp_path):
     np.testing.assert_array_less(0.25, acc["stream"])
 
 
+@pytest.mark.slow  # out of the default run's 25-minute budget on 2 cores (about 1.5 min on a 2-core AVX2 CPU)
 def test_resume_keeps_the_placement_the_run_resolved_to(small_data, tmp_path):
     """A run's batches depend on its placement: a checkpoint made with resident data is not resumed
     streaming, also when the new run's `auto` would resolve to stream (on a CPU)."""
