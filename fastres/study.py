@@ -261,9 +261,9 @@ def _host() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def folder_number(trial) -> int:
+def folder_number(number: int, system_attrs: dict) -> int:
     """A retried trial works in its first attempt's folder, so it resumes that run's last.pt."""
-    return trial.system_attrs.get("failed_trial", trial.number)
+    return system_attrs.get("failed_trial", number)
 
 
 def _finished(cfg) -> dict | None:
@@ -317,7 +317,7 @@ class Objective:
             trial.set_user_attr("status", "grid_done")
             raise optuna.TrialPruned("the grid is done")
         params = self.spec.suggest(trial)
-        number = system.get("failed_trial", trial.number)  # a retry works in its first attempt's folder
+        number = folder_number(trial.number, system)
         folder = self.out / "trials" / f"{number:04d}"
         for k, v in {"folder": str(folder.relative_to(self.out)), "host": _host(), "pid": os.getpid(),
                      "status": "running"}.items():
@@ -454,7 +454,7 @@ def reclaim_local(study, log=print) -> int:
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") == host and pid and pid != os.getpid() and not _alive(pid):
             if requeue(study, t._trial_id, f"its worker (pid {pid}) is gone"):
-                log(f"trial {folder_number(t):04d}: its worker (pid {pid}) is gone; queued again, to resume from "
+                log(f"trial {folder_number(t.number, t.system_attrs):04d}: its worker (pid {pid}) is gone; queued again, to resume from "
                     f"{t.user_attrs.get('folder')}")
                 n += 1
     return n

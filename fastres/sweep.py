@@ -226,6 +226,11 @@ def measure_step_s(cfg) -> tuple[float, str]:
     return st.median(times[3:]), rt.summary.get("device_name", str(rt.device))
 
 
+def _model(c) -> tuple:
+    """The settings that make a model (configurations sharing them share its multiply-adds)."""
+    return (c.blocks, c.widths, c.kernel, c.stem_kernel, c.shortcut_kernel, c.pool)
+
+
 def estimate_s(spec) -> dict:
     """An estimate of the sweep's training time on one worker: one step of the first configuration
     measured now, scaled to every configuration by its multiply-adds, batch size, steps and epochs
@@ -236,16 +241,14 @@ def estimate_s(spec) -> dict:
     cfgs = [spec.config(p, spec.seeds[0]) for p in configs]
     macs = {}
     for c in cfgs:
-        key = (c.blocks, c.widths, c.kernel, c.stem_kernel, c.shortcut_kernel, c.pool)
-        if key not in macs:
-            macs[key] = summarize(c)["macs"]
+        if _model(c) not in macs:
+            macs[_model(c)] = summarize(c)["macs"]
     base = cfgs[0]
     step_s, device = measure_step_s(base)
-    s_per_image_mac = step_s / (base.batch_size * macs[(base.blocks, base.widths, base.kernel, base.stem_kernel,
-                                                        base.shortcut_kernel, base.pool)])
+    s_per_image_mac = step_s / (base.batch_size * macs[_model(base)])
     total = 0.0
     for c in cfgs:
-        m = macs[(c.blocks, c.widths, c.kernel, c.stem_kernel, c.shortcut_kernel, c.pool)]
+        m = macs[_model(c)]
         n_train, n_test = _counts(c)
         train = (n_train // c.batch_size) * c.batch_size * m * s_per_image_mac
         evaluate = n_test * m * s_per_image_mac / 3 * (2 if c.tta else 1)
@@ -344,7 +347,7 @@ def spawn_workers(path: str, out: Path, url: str, n: int, spec, log=print, pack:
         f.close()
     codes = [p.returncode for p in procs]
     if stop.signum:
-        raise Interrupted(f"stopped; every trial resumes (run the same command again)", stop.signum)
+        raise Interrupted("stopped; every trial resumes (run the same command again)", stop.signum)
     bad = [c for c in codes if c]
     if bad:
         log(f"{len(bad)} of {n} workers ended with an error (exit status {', '.join(map(str, bad))}); see {logs}")
