@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes on this machine (default 1: this process)")
     s.add_argument("--report", action="store_true", help="print and save the leaderboard; train nothing")
     s.add_argument("--pack", type=int, default=1, metavar="K",
-                   help="train K runs at once in one process (the seeds of a trial, or of the seed-only form), "
-                        "advanced in turn; one CUDA stream each on a GPU")
+                   help="train K runs at once in each worker, advanced in turn, one CUDA stream each on a GPU: "
+                        "a trial's seeds, and the next trials' as slots free (the seed-only form: its seeds)")
     s.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one of --workers N's processes
     lb = sub.add_parser("leaderboard", allow_abbrev=False, help="a sweep folder's ranked trials, CSV and plots",
                         description="The leaderboard of the sweep whose folder is DIR (its sweep.json names the "

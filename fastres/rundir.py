@@ -7,6 +7,8 @@ a clear message, checkpoints verified before they are trusted, and a clean stop 
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fcntl
 import os
 import random
@@ -257,3 +259,19 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+
+
+def open_run_dir(cfg, resume: bool, dist, held: contextlib.ExitStack, log) -> tuple:
+    """The run's folder, checked and locked before any heavy work (the lock is held until `held`
+    closes): a new runs/PRESET/DATE-TIME without --out (resuming: the latest run), the same on
+    every rank; a folder that holds another run is refused and left as it is."""
+    if not cfg.out:
+        out = latest_run() if resume else new_run_dir(cfg.preset)
+        cfg = dataclasses.replace(cfg, out=dist.broadcast_str(str(out)))
+    out = Path(cfg.out)
+    if dist.main:
+        prepare_out(out, resume)
+        held.enter_context(RunLock(out, log))
+        remove_stale_temporaries(out, log)
+        link_latest(out)
+    return cfg, out

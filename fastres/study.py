@@ -51,6 +51,8 @@ def _optuna():
     # heartbeats and retries are marked experimental in Optuna (since 2.8); they are what makes a
     # killed worker's trial resumable, and fastres's tests check them
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # a packed worker asks for trials itself (study.ask) and keeps their heartbeats (Heartbeats)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     return optuna
 
 
@@ -288,28 +290,60 @@ def trial_summary(records: list[dict]) -> dict:
             "device": first["environment"]["device_name"], "epochs": first["config"]["epochs"]}
 
 
+@dataclasses.dataclass
+class Plan:
+    """A trial's runs: its folder number, its choices in words, a config per seed, and per seed its
+    record (read where that run finished before; the Diverged error of a run that diverged)."""
+    trial: object
+    number: int
+    what: str
+    cfgs: list
+    records: dict
+
+    @property
+    def todo(self) -> list[int]:
+        return [i for i, rec in self.records.items() if rec is None]
+
+
 class Objective:
     """The study's objective: one configuration, trained once per seed. Small on purpose: the
-    study, its storage and the retry callback carry the bookkeeping."""
+    study, its storage and the retry callback carry the bookkeeping. plan() and conclude() are its
+    two halves, so that a packed worker (work(..., pack=K)) can train several trials' runs at once."""
 
-    def __init__(self, spec: SweepSpec, study, out: Path, stop: StopRequest, log=print, pack: int = 1):
-        self.spec, self.study, self.out, self.stop, self.log, self.pack = spec, study, out, stop, log, max(1, pack)
+    def __init__(self, spec: SweepSpec, study, out: Path, stop: StopRequest, log=print):
+        self.spec, self.study, self.out, self.stop, self.log = spec, study, out, stop, log
         self.current = None  # the trial being run, for queuing it again if the worker is stopped
 
     def __call__(self, trial) -> float:
         self.current = trial
         try:
-            return self._run(trial)
+            plan = self.plan(trial)
+            for i in plan.todo:  # the trial's unfinished seeds, one after another
+                if self.stop.signum:
+                    raise Interrupted("stopped before the next run", self.stop.signum)
+                self.starting(plan, i)
+                with open(Path(plan.cfgs[i].out) / "train.log", "a") as f:
+                    from .train import train
+
+                    try:
+                        plan.records[i] = train(plan.cfgs[i], resume=True, log=_to(f),
+                                                on_epoch=self.on_epoch(plan, i))
+                    except Diverged as e:
+                        plan.records[i] = e
+                if self.decided(plan):
+                    break
+            return self.conclude(plan)
         except (TrialError, _optuna().TrialPruned):
             raise
         except BaseException as e:  # not the trial's fault (stopped, data, disk, a bug): the worker
             # stops and queues the trial again (work()); marked now, while it can still be changed
             trial.set_user_attr("status", "requeued")
-            trial.set_user_attr("why", "its worker was stopped" if isinstance(e, (Interrupted, KeyboardInterrupt))
-                                else f"its worker stopped: {e}")
+            trial.set_user_attr("why", stopped_why(e))
             raise
 
-    def _run(self, trial) -> float:
+    def plan(self, trial) -> Plan:
+        """The trial's configuration per seed, its folder, and what its folder already holds;
+        TrialError (invalid) or TrialPruned (over budget, or the grid done) if it is not trained."""
         optuna = _optuna()
         system = self.study._storage.get_trial_system_attrs(trial._trial_id)
         if self.spec.is_grid and "fixed_params" not in system and "failed_trial" not in system:
@@ -338,89 +372,77 @@ class Objective:
             self.log(f"trial {number:04d} ({what}): {n:,} parameters, over the budget of {self.spec.max_params:,}; "
                      "not trained")
             raise optuna.TrialPruned("over budget")
-        records = {i: _finished(cfg) for i, cfg in enumerate(cfgs)}  # finished runs are read, not rerun
-        todo = [i for i, rec in records.items() if rec is None]
-        if todo:  # the trial's unfinished seeds: one after another, or `pack` at a time
-            if self.stop.signum:
-                raise Interrupted("stopped before the next run", self.stop.signum)
-            group = todo
-            # the first seed's epochs are reported to the pruner
-            records.update(self._train([cfgs[i] for i in group], [trial if i == 0 else None for i in group], number,
-                                       what))
-            for i in group:
-                rec = records[i]
-                if rec is not None and rec["status"] == "pruned":
-                    trial.set_user_attr("status", "pruned")
-                    trial.set_user_attr("pruned_at_epoch", len(rec["epochs"]))
-                    self.log(f"trial {number:04d} ({what}): pruned after epoch {len(rec['epochs'])} "
-                             f"(test accuracy {rec['epochs'][-1]['test_acc']:.2%})")
-                    raise optuna.TrialPruned(f"pruned after epoch {len(rec['epochs'])}")
-        records = [records[i] for i in range(len(cfgs))]
-        s = trial_summary(records)
+        for cfg in cfgs:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        # finished runs are read, not rerun
+        return Plan(trial, number, what, cfgs, {i: _finished(cfg) for i, cfg in enumerate(cfgs)})
+
+    def starting(self, plan: Plan, i: int) -> None:
+        cfg = plan.cfgs[i]
+        resume = any((Path(cfg.out) / f).exists() for f in RUN_FILES)
+        self.log(f"trial {plan.number:04d} seed {cfg.seed} ({plan.what}): {'resuming' if resume else 'training'} "
+                 f"in {cfg.out}")
+
+    def on_epoch(self, plan: Plan, i: int):
+        """train()'s on_epoch for seed i: a line per epoch; the first seed's test accuracy goes to
+        the pruner. A seed still training when its trial is decided (pruned, or another seed
+        diverged: packed runs) ends at its epoch's end with the trial's status."""
+        cfg = plan.cfgs[i]
+
+        def report(h):
+            self.log(f"trial {plan.number:04d} seed {cfg.seed}: epoch {h['epoch']}/{cfg.epochs} test "
+                     f"{h['test_acc']:.2%} ({h['train_s']:.1f} s)")
+            if i == 0:
+                plan.trial.report(h["test_acc"], h["epoch"])
+                if plan.trial.should_prune():
+                    return "pruned"
+            # a packed sibling's outcome: pruned with it, or abandoned when another seed diverged
+            return {"pruned": "pruned", "diverged": "abandoned"}.get(self.decided(plan))
+        return report
+
+    @staticmethod
+    def decided(plan: Plan) -> str | None:
+        """The trial's outcome before all its seeds have run: "diverged" or "pruned", else None."""
+        recs = list(plan.records.values())
+        if any(isinstance(r, Diverged) for r in recs):
+            return "diverged"
+        if any(isinstance(r, dict) and r.get("status") == "pruned" for r in recs):
+            return "pruned"
+        return None
+
+    def conclude(self, plan: Plan) -> float:
+        """The trial's value from its runs' records; TrialError if one diverged, TrialPruned if its
+        first seed was pruned."""
+        trial, number, what = plan.trial, plan.number, plan.what
+        for cfg, r in zip(plan.cfgs, plan.records.values()):
+            if isinstance(r, Diverged):  # this configuration fails; the sweep goes on
+                trial.set_user_attr("status", "diverged")
+                trial.set_user_attr("error", str(r))
+                self.log(f"trial {number:04d} seed {cfg.seed}: diverged: {r}")
+                raise TrialError(str(r))
+        first = plan.records[0]
+        if first is not None and first["status"] == "pruned":
+            trial.set_user_attr("status", "pruned")
+            trial.set_user_attr("pruned_at_epoch", len(first["epochs"]))
+            self.log(f"trial {number:04d} ({what}): pruned after epoch {len(first['epochs'])} "
+                     f"(test accuracy {first['epochs'][-1]['test_acc']:.2%})")
+            raise _optuna().TrialPruned(f"pruned after epoch {len(first['epochs'])}")
+        s = trial_summary([plan.records[i] for i in range(len(plan.cfgs))])
         for k, v in {**s, "status": "complete"}.items():
             trial.set_user_attr(k, v)
         self.log(f"trial {number:04d} ({what}): {s['acc_mean']:.2%} ± {s['acc_std']:.2%} over seeds "
                  f"{list(self.spec.seeds)}, {s['parameters']:,} parameters, {duration(s['train_s'])} of training")
         return s["acc_mean"]
 
-    def _train(self, cfgs: list, trials: list, number: int, what: str) -> dict:
-        """Train these runs of the trial (alone, or packed when several): {seed index: record}.
-        Each run's own output goes to its folder's train.log; trials[k] (or None) gets run k's
-        epochs for the pruner. Every run resumes what its folder holds."""
-        from .packed import train_packed
-        from .train import train
 
-        with contextlib.ExitStack() as files:
-            logs = []
-            for cfg in cfgs:
-                Path(cfg.out).mkdir(parents=True, exist_ok=True)
-                f = files.enter_context(open(Path(cfg.out) / "train.log", "a"))
-                logs.append(lambda *a, f=f, **k: print(*a, **k, file=f, flush=True))
+def _to(f):
+    """A log function writing to the open file f (a run's train.log in its folder)."""
+    return lambda *a, **k: print(*a, **k, file=f, flush=True)
 
-            def on_epoch(cfg, trial):
-                def report(h):
-                    self.log(f"trial {number:04d} seed {cfg.seed}: epoch {h['epoch']}/{cfg.epochs} test "
-                             f"{h['test_acc']:.2%} ({h['train_s']:.1f} s)")
-                    if trial is None:
-                        return None
-                    trial.report(h["test_acc"], h["epoch"])
-                    return "pruned" if trial.should_prune() else None
-                return report
 
-            def starting(cfg):
-                resume = any((Path(cfg.out) / f).exists() for f in RUN_FILES)
-                self.log(f"trial {number:04d} seed {cfg.seed} ({what}): {'resuming' if resume else 'training'} "
-                         f"in {cfg.out}")
-
-            hooks = [on_epoch(c, t) for c, t in zip(cfgs, trials)]
-            if len(cfgs) == 1 or self.pack == 1:  # one after another
-                got = []
-                for cfg, log, hook in zip(cfgs, logs, hooks):
-                    starting(cfg)
-                    try:
-                        got.append(train(cfg, resume=True, log=log, on_epoch=hook))
-                    except Diverged as e:
-                        got.append(e)
-                        break
-                    if self.stop.signum:
-                        raise Interrupted("stopped before the next run", self.stop.signum)
-                    if got[-1]["status"] == "pruned":
-                        break
-            else:
-                for cfg in cfgs:
-                    starting(cfg)
-                got = train_packed(cfgs, True, self.log, names=[f"seed{c.seed}" for c in cfgs], logs=logs,
-                                   on_epochs=hooks, slots=self.pack)
-        index = {c.seed: self.spec.seeds.index(c.seed) for c in cfgs}
-        for cfg, r in zip(cfgs, got):
-            if isinstance(r, Diverged):  # this configuration fails; the sweep goes on
-                self.current.set_user_attr("status", "diverged")
-                self.current.set_user_attr("error", str(r))
-                self.log(f"trial {number:04d} seed {cfg.seed}: diverged: {r}")
-                raise TrialError(str(r))
-            if not isinstance(r, dict):
-                raise r
-        return {index[c.seed]: r for c, r in zip(cfgs, got)}
+def stopped_why(e: BaseException) -> str:
+    """Why a trial was queued again: its worker was stopped, or stopped by an error of its own."""
+    return "its worker was stopped" if isinstance(e, (Interrupted, KeyboardInterrupt)) else f"its worker stopped: {e}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,35 +504,49 @@ def counts(study) -> dict:
 def work(spec: SweepSpec, study, out: Path, log=print, pack: int = 1) -> int:
     """Run trials until the sweep has what it asked for (or its time limit, or a stop request),
     then wait while other workers still run trials, taking up any whose worker dies. Returns the
-    number of trials this worker ran."""
+    number of trials this worker ran. pack > 1: `pack` runs at a time in this process (the seeds
+    of a trial and the next trials' as slots free: _work_packed)."""
     optuna = _optuna()
     t0, ran, said = time.monotonic(), 0, False
     with StopRequest(log) as stop:
-        objective = Objective(spec, study, out, stop, log, pack)
-        while True:
+        timed_out = []
+
+        def next_step() -> str:
+            """What this worker may do now: "start" a trial, "wait" for other workers' running
+            trials (taken up here if their worker dies), or it is "done"."""
             optuna.storages.fail_stale_trials(study)  # other machines' dead workers (heartbeat)
             reclaim_local(study, log)                  # this machine's (their pid is gone)
             if stop.signum:
                 raise Interrupted("stopped between trials; every trial resumes", stop.signum)
-            if spec.time_limit_s and time.monotonic() - t0 > spec.time_limit_s:
-                log(f"time limit ({duration(spec.time_limit_s)}) reached: no new trial starts here")
-                break
+            if timed_out or (spec.time_limit_s and time.monotonic() - t0 > spec.time_limit_s):
+                if not timed_out:
+                    log(f"time limit ({duration(spec.time_limit_s)}) reached: no new trial starts here")
+                    timed_out.append(True)
+                return "done"
             c = counts(study)
             started = c["complete"] + c["pruned"] + c["running"]
             # a grid runs what is queued (retries included); a sampled sweep asks for new
             # configurations until `trials` have started, then runs what is still queued
             nothing = (c["waiting"] == 0 and (spec.is_grid or started >= spec.n_trials())) or \
                 (spec.is_grid and started >= spec.n_trials())
-            if nothing:
-                if c["running"] == 0:
-                    break
+            return "start" if not nothing else "wait" if c["running"] else "done"
+
+        objective = Objective(spec, study, out, stop, log)
+        while True:
+            what = next_step()
+            if what == "done":
+                break
+            if what == "wait":
                 if not said:
-                    log(f"waiting for {c['running']} trial(s) running in other workers (taken up here if "
-                        "their worker dies)")
+                    log(f"waiting for {counts(study)['running']} trial(s) running in other workers (taken up here "
+                        "if their worker dies)")
                     said = True
                 _sleep(min(spec.heartbeat_s, 5), stop)
                 continue
             said = False
+            if pack > 1:
+                ran += _work_packed(objective, pack, lambda: next_step() == "start", log)
+                continue
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialError,), gc_after_trial=True)
             except (Interrupted, KeyboardInterrupt, Exception) as e:
@@ -524,6 +560,146 @@ def work(spec: SweepSpec, study, out: Path, log=print, pack: int = 1) -> int:
             ran += 1
             objective.current = None
     return ran
+
+
+def _work_packed(objective: Objective, slots: int, may_start, log) -> int:
+    """`slots` runs at a time in one Pack: a trial's seeds, and, as a slot frees, the next seed or
+    the next trial (asked of the study when may_start() says the sweep has more), so a worker keeps
+    its device busy with several trials. Each trial is told to the study once all its seeds have
+    ended; a stop or an error no trial can get past queues every trial still in flight again.
+    Returns the number of trials told."""
+    from collections import deque
+
+    from .packed import Member, Pack
+
+    optuna = _optuna()
+    study, told = objective.study, []
+    plans: dict[int, tuple[Plan, set]] = {}  # in flight: trial id -> (its plan, its seeds not yet ended)
+    queue: deque = deque()                   # (plan, seed index) not yet given a slot
+
+    def tell(trial, **kw):
+        study.tell(trial, skip_if_finished=True, **kw)  # skipped if another worker failed it meanwhile
+        beats.discard(trial._trial_id)
+        plans.pop(trial._trial_id, None)
+        if trial.user_attrs.get("status") != "grid_done":
+            told.append(trial.number)
+
+    def finish(plan: Plan):
+        try:
+            tell(plan.trial, values=objective.conclude(plan))
+        except TrialError:
+            tell(plan.trial, state=optuna.trial.TrialState.FAIL)
+        except optuna.TrialPruned:
+            tell(plan.trial, state=optuna.trial.TrialState.PRUNED)
+
+    def ended(plan: Plan, i: int):
+        left = plans[plan.trial._trial_id][1]
+        left.discard(i)
+        if not left:
+            finish(plan)
+
+    def member(plan: Plan, i: int) -> Member:
+        objective.starting(plan, i)
+        f = files.enter_context(open(Path(plan.cfgs[i].out) / "train.log", "a"))
+
+        def on_end(result):
+            f.close()
+            if isinstance(result, Interrupted):  # stays in flight: queued again below
+                return
+            if isinstance(result, FastresError) and not isinstance(result, Diverged):
+                raise result  # not the trial's fault (disk, data): the worker stops, trials queued again
+            plan.records[i] = result
+            ended(plan, i)
+        return Member(plan.cfgs[i], f"{plan.number:04d}/seed{plan.cfgs[i].seed}", _to(f),
+                      objective.on_epoch(plan, i), on_end)
+
+    def next_member() -> Member | None:
+        while True:
+            while queue:
+                plan, i = queue.popleft()
+                if objective.decided(plan):  # pruned or failed while this seed waited: never started
+                    ended(plan, i)
+                    continue
+                return member(plan, i)
+            if not may_start():
+                return None
+            trial = study.ask()
+            beats.add(trial._trial_id)
+            try:
+                plan = objective.plan(trial)
+            except TrialError:  # not a valid configuration
+                tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            except optuna.TrialPruned:  # over the budget, or the grid is done
+                tell(trial, state=optuna.trial.TrialState.PRUNED)
+                continue
+            except BaseException as e:  # not the trial's fault: queued again, the worker stops
+                requeue(study, trial._trial_id, stopped_why(e))
+                raise
+            plans[trial._trial_id] = (plan, set(plan.todo))
+            if not plan.todo:  # every seed finished in an earlier attempt: read, not rerun
+                finish(plan)
+            queue.extend((plan, i) for i in plan.todo)
+
+    with Heartbeats(study._storage) as beats, contextlib.ExitStack() as files:
+        try:
+            with contextlib.ExitStack() as held:
+                Pack(slots, True, log, held, objective.stop).run(next_member)
+        except BaseException as e:
+            for plan, _ in list(plans.values()):
+                requeue(study, plan.trial._trial_id, stopped_why(e))
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted("stopped at once; the trials resume from their last checkpoints") from None
+            raise
+    return len(told)
+
+
+class Heartbeats:
+    """Optuna's heartbeat for every trial a packed worker has in flight (study.optimize keeps one
+    for its one trial): a thread records each trial's every heartbeat_interval seconds, so that
+    other workers never take a live trial for a dead worker's."""
+
+    def __init__(self, storage):
+        import threading
+
+        get = getattr(storage, "get_heartbeat_interval", None)
+        self.storage, self.interval = storage, get() if get else None  # s; None: a storage without heartbeats
+        self.ids: set[int] = set()
+        self.lock, self.done = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="fastres-heartbeats")
+
+    def __enter__(self):
+        if self.interval:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def add(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.add(trial_id)
+        self._record(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.discard(trial_id)
+
+    def _beat(self):
+        while not self.done.wait(self.interval):
+            with self.lock:
+                ids = list(self.ids)
+            for trial_id in ids:
+                self._record(trial_id)
+
+    def _record(self, trial_id: int) -> None:
+        import sqlalchemy.exc
+
+        if self.interval:
+            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):  # a storage hiccup: the next beat retries
+                self.storage.record_heartbeat(trial_id)
 
 
 def _sleep(seconds: float, stop: StopRequest) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import io
 import json
 import signal
@@ -38,8 +37,7 @@ from .evaluate import evaluate
 from .optim import EMA, lr_factor, make_criterion, make_optimizer
 from .progress import Progress, duration
 from .record import CHECKPOINT, CURVES, METRICS_CSV, RECORD, TensorBoard, environment, plot_curves, write_metrics_csv
-from .rundir import (RunLock, StopRequest, atomic_write, latest_run, link_latest, load_checkpoint, new_run_dir,
-                     prepare_out, remove_stale_temporaries, rng_state, set_rng_state)
+from .rundir import StopRequest, atomic_write, load_checkpoint, open_run_dir, rng_state, set_rng_state
 from .step import build_step
 
 # Settings a resumed run may change: they move files or threads around, not the arithmetic.
@@ -78,22 +76,6 @@ def train(cfg: Config, resume: bool = False, log=print, on_epoch=None) -> dict:
         cfg, out = open_run_dir(cfg, resume, dist, held, log)
         stop = held.enter_context(StopRequest(log))
         return drive(run(cfg, resume, log, dist, out, stop, t_start, on_epoch))
-
-
-def open_run_dir(cfg: Config, resume: bool, dist: Dist, held: contextlib.ExitStack, log) -> tuple[Config, Path]:
-    """The run's folder, checked and locked before any heavy work (the lock is held until `held`
-    closes): a new runs/PRESET/DATE-TIME without --out (resuming: the latest run), the same on
-    every rank; a folder that holds another run is refused and left as it is."""
-    if not cfg.out:
-        out = latest_run() if resume else new_run_dir(cfg.preset)
-        cfg = dataclasses.replace(cfg, out=dist.broadcast_str(str(out)))
-    out = Path(cfg.out)
-    if dist.main:
-        prepare_out(out, resume)
-        held.enter_context(RunLock(out, log))
-        remove_stale_temporaries(out, log)
-        link_latest(out)
-    return cfg, out
 
 
 def drive(steps) -> dict:

@@ -116,9 +116,9 @@ def _wait_for_epochs(folder: Path, n: int, proc: subprocess.Popen, timeout: floa
     raise AssertionError(f"{folder}: {n} epochs not written in {timeout} s")
 
 
-def _start(path: Path, out: Path) -> subprocess.Popen:
+def _start(path: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fastres", "sweep", str(path), "--out", str(out)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "fastres", "sweep", str(path), "--out", str(out), *extra], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -164,6 +164,60 @@ def test_stopped_and_killed_worker_trial_resumes_to_the_uninterrupted_result(tmp
     alone = train(cfg, log=lambda *a, **k: None)
     keys = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
     assert [{k: h[k] for k in keys} for h in rec["epochs"]] == [{k: h[k] for k in keys} for h in alone["epochs"]]
+
+
+@pytest.mark.long
+def test_a_packed_worker_fills_freed_slots_with_the_next_trials_and_resumes_them(tmp_path, small_data):
+    import sqlite3
+
+    from fastres.sweep import run_sweep_file
+    from fastres.train import train
+
+    # three configurations, one seed each, two at a time in one worker
+    path = sweep_file(tmp_path, small_data, "lr = [0.05, 0.1, 0.2]", epochs=3)
+    out = tmp_path / "sweep"
+    first = [out / "trials" / f"{n:04d}" / "seed0" for n in (0, 1)]
+
+    # 1. Ctrl-C once the first two trials, training together, each have an epoch: both are queued again
+    p = _start(path, out, "--pack", "2")
+    for run in first:
+        _wait_for_epochs(run, 1, p, timeout=120)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "packed 2 runs" in stdout and "Traceback" not in stderr
+    ts = trials(out)
+    assert [(t.state, t.user_attrs.get("status")) for t in ts[:2]] == [(optuna.trial.TrialState.FAIL, "requeued")] * 2
+    queued = [t.system_attrs["fixed_params"]["lr"] for t in ts if t.state == optuna.trial.TrialState.WAITING]
+    assert sorted(queued) == [0.05, 0.1, 0.2]  # the two again, and the third not started yet
+
+    # 2. the same command again (here, in this process) finishes all three, still two at a time
+    lines = []
+    assert run_sweep_file(str(path), str(out), log=lines.append, pack=2) == 0
+    done = sorted((t for t in trials(out) if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.datetime_start)
+    assert sorted(t.user_attrs["folder"] for t in done) == ["trials/0000", "trials/0001", "trials/0002"]
+    a, b, c = done  # in the order they started (the queue hands out the untouched third before the retries)
+    # the first two trained at the same time; the third started in the first slot they freed
+    assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+    assert c.datetime_start >= min(a.datetime_complete, b.datetime_complete)
+    recs = {t.number: json.loads((out / t.user_attrs["folder"] / "seed0" / "record.json").read_text()) for t in done}
+    for t in done:
+        assert recs[t.number]["status"] == "finished" and t.value == recs[t.number]["final_test_acc"]
+        # the two stopped trials resumed their checkpoints; the third started afresh
+        assert (recs[t.number]["resumed_at_epoch"] >= 1) == (t.user_attrs["folder"] != "trials/0002")
+    # Optuna's heartbeat was kept for every trial in flight (it is how other workers tell a live one)
+    with sqlite3.connect(out / "study.db") as con:
+        beating = {row[0] for row in con.execute("SELECT trial_id FROM trial_heartbeats")}
+    assert {t._trial_id for t in done} <= beating
+
+    # the one that joined the group mid-way (resumed) and the one trained packed from the start
+    # equal the same runs trained alone
+    keys = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+    fresh = next(t for t in done if t.user_attrs["folder"] == "trials/0002")
+    for t in {c.number: c, fresh.number: fresh}.values():
+        rec = recs[t.number]
+        alone = train(from_dict({**rec["config"], "out": str(tmp_path / f"alone{t.number}")}), log=lambda *a, **k: None)
+        assert [{k: h[k] for k in keys} for h in rec["epochs"]] == [{k: h[k] for k in keys} for h in alone["epochs"]]
 
 
 @pytest.mark.long
