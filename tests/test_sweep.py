@@ -221,11 +221,14 @@ def test_a_packed_worker_fills_freed_slots_with_the_next_trials_and_resumes_them
 
 
 @pytest.mark.long
-def test_median_pruner_stops_a_trial_that_trails_the_others(tmp_path, small_data):
-    # two startup trials that learn, then one whose lr leaves it at chance level
-    path = sweep_file(tmp_path, small_data, "lr = [0.2, 0.1, 1e-7]", top='pruner = "median"', epochs=3)
+@pytest.mark.parametrize("packed", [False, True], ids=["alone", "two_seeds_packed"])
+def test_median_pruner_stops_a_trial_that_trails_the_others(tmp_path, small_data, packed):
+    # two startup trials that learn, then one whose lr leaves it at chance level; packed: two seeds
+    # a trial, trained together, the first seed's accuracy judged
+    top = 'pruner = "median"' + ("\nseeds = [0, 1]" if packed else "")
+    path = sweep_file(tmp_path, small_data, "lr = [0.2, 0.1, 1e-7]", top=top, epochs=3)
     out = tmp_path / "sweep"
-    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    assert main(["sweep", str(path), "--out", str(out), *(["--pack", "2"] if packed else [])]) == 0
     ts = trials(out)
     assert [t.state for t in ts[:2]] == [optuna.trial.TrialState.COMPLETE] * 2
     bad = ts[2]
@@ -234,9 +237,11 @@ def test_median_pruner_stops_a_trial_that_trails_the_others(tmp_path, small_data
     assert 2 <= step < 3  # not in the warm-up epoch, before the end
     # the pruner's rule, computed here: below the median of the earlier trials at that epoch
     assert bad.intermediate_values[step] < statistics.median(t.intermediate_values[step] for t in ts[:2])
-    rec = json.loads((out / "trials" / "0002" / "seed0" / "record.json").read_text())
-    assert rec["status"] == "pruned" and len(rec["epochs"]) == step
-    assert (out / "trials" / "0002" / "seed0" / "last.pt").is_file()
+    for seed in (0, 1) if packed else (0,):
+        # packed: the second seed, training beside the first, ended with it at the same epoch
+        rec = json.loads((out / "trials" / "0002" / f"seed{seed}" / "record.json").read_text())
+        assert rec["status"] == "pruned" and len(rec["epochs"]) == step
+        assert (out / "trials" / "0002" / f"seed{seed}" / "last.pt").is_file()
 
 
 def test_unusable_storages_and_folders_stop_with_one_line(tmp_path, small_data, capsys):
