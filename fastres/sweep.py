@@ -97,7 +97,7 @@ def run_sweep_file(path: str, out: str | None = None, storage: str | None = None
             work(spec, study, out, log, pack)
             return 0
         log(plan_text(spec, out, url, workers))
-        log(estimate_text(spec, workers))
+        log(estimate_text(spec, workers, pack))
         if workers == 1:
             work(spec, study, out, log, pack)
         else:
@@ -268,13 +268,15 @@ def _counts(cfg) -> tuple[int, int]:
             min(cfg.test_limit or counts["test"], counts["test"]))
 
 
-def estimate_text(spec, workers: int) -> str:
+def estimate_text(spec, workers: int, pack: int = 1) -> str:
     import torch
 
     e = estimate_s(spec)
     par = ""
     if workers > 1 and torch.cuda.device_count() >= workers:
         par = f"; {workers} workers on {workers} GPUs: about {duration(e['total_s'] / workers)}"
+    if pack > 1:  # what overlapping buys depends on the GPU and the model: not guessed here
+        par += f"; runs one after another (--pack {pack} overlaps them on a GPU, by an amount not estimated)"
     return (f"estimate: about {duration(e['total_s'])} of training and evaluation for {e['trials']} trials x "
             f"{len(spec.seeds)} seed(s) on one worker ({e['device']}){par}; from {e['step_s'] * 1000:.0f} ms per "
             f"step measured now for the first configuration at batch {e['batch']} (eager), scaled by each "
