@@ -315,6 +315,8 @@ class Objective:
         self.current = None  # the trial being run, for queuing it again if the worker is stopped
 
     def __call__(self, trial) -> float:
+        from .train import train
+
         self.current = trial
         try:
             plan = self.plan(trial)
@@ -323,8 +325,6 @@ class Objective:
                     raise Interrupted("stopped before the next run", self.stop.signum)
                 self.starting(plan, i)
                 with open(Path(plan.cfgs[i].out) / "train.log", "a") as f:
-                    from .train import train
-
                     try:
                         plan.records[i] = train(plan.cfgs[i], resume=True, log=_to(f),
                                                 on_epoch=self.on_epoch(plan, i))
@@ -545,7 +545,12 @@ def work(spec: SweepSpec, study, out: Path, log=print, pack: int = 1) -> int:
                 continue
             said = False
             if pack > 1:
-                ran += _work_packed(objective, pack, lambda: next_step() == "start", log)
+                def may_start() -> bool:  # asked while runs train: a stop request lets them stop first
+                    try:
+                        return next_step() == "start"
+                    except Interrupted:
+                        return False
+                ran += _work_packed(objective, pack, may_start, log)
                 continue
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialError,), gc_after_trial=True)
