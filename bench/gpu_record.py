@@ -3,7 +3,9 @@
 Phases (default `all` = train, bench, write, in one go):
   train   the preset's full run (default `paper`, 50 epochs) in runs/gpu-record/train-<preset>/;
           run it again after an interruption and it resumes from the last finished epoch (so a
-          machine whose jobs have a time limit can train in several jobs)
+          machine whose jobs have a time limit can train in several jobs). --seeds S1 S2 ...: one
+          run per seed in train-<preset>/seed<S>, --pack K of them at a time (fastres.packed);
+          the record gives each seed, their mean and std, and the group's wall time
   bench   the benchmark groups (default loader, step, kernels, kernel_host, baseline) with
           pytest-benchmark; each case's result is appended to runs/gpu-record/bench.jsonl as it
           finishes (a case run again replaces its earlier result)
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +37,7 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "runs" / "gpu-record"
 GROUPS = {"loader": "bench/test_loader.py", "step": "bench/test_step.py", "kernels": "bench/test_kernels.py",
           "kernel_host": "bench/test_kernel_host.py", "epoch": "bench/test_epoch.py",
-          "baseline": "bench/test_baseline.py"}
+          "baseline": "bench/test_baseline.py", "pack": "bench/test_pack.py"}
 
 
 def run_benchmarks(groups: list[str], env: dict, jsonl: Path, select: str | None = None) -> int:
@@ -122,9 +125,14 @@ def table(records: list[dict]) -> str:
             continue
         done = "" if t.get("status", "finished") == "finished" else \
             f" ({t['status']} after {t['epochs_done']}/{t['epochs_planned']} epochs)"
+        acc = f"{100 * t['final_test_acc']:.2f}%"
+        if t.get("seeds"):  # a group of seeds: their means, the accuracy's std, the group's wall time
+            done += f", {len(t['seeds'])} seeds" + (f" packed {t['pack']} at a time" if t["pack"] > 1 else "") + \
+                f", {t['wall_s']:.0f} s wall for all"
+            acc = f"{100 * t['final_test_acc']:.2f} ± {100 * t['final_test_acc_std']:.2f}%"
         rows.append(f"| {r['date']} | {r['gpu']} | {r['torch']} | {t['preset']}{done} | {step_mode(t)} | "
                     f"{t['mean_epoch_train_s']:.2f} | "
-                    f"{t['train_s_total'] + t['eval_s_total']:.0f} | {100 * t['final_test_acc']:.2f}% |")
+                    f"{t['train_s_total'] + t['eval_s_total']:.0f} | {acc} |")
     return "\n".join(rows)
 
 
@@ -145,15 +153,30 @@ def kernel_goals(bench: list[dict]) -> str:
 
 
 def phase_train(a, rest, work: Path) -> None:
+    import dataclasses
+
     from fastres.config import make_config, parse_overrides
+    from fastres.packed import train_packed
     from fastres.train import train
 
     run = work / f"train-{a.preset}"
     over = {**parse_overrides(rest), "data": a.data, "out": str(run)}
     if a.epochs:
         over["epochs"] = a.epochs
+    cfg = make_config(a.preset, over)
     t0 = time.perf_counter()
-    train(make_config(a.preset, over), resume=True)
+    if not a.seeds:
+        train(cfg, resume=True)
+    else:  # one run per seed, `pack` at a time; each resumes what its folder holds
+        cfgs = [dataclasses.replace(cfg, seed=s, out=str(run / f"seed{s}")) for s in a.seeds]
+        if a.pack > 1:
+            results = train_packed(cfgs, resume=True, names=[f"seed{c.seed}" for c in cfgs], slots=a.pack)
+        else:
+            results = [train(c, resume=True) for c in cfgs]
+        failed = [r for r in results if not isinstance(r, dict)]
+        if failed:
+            raise failed[0]
+        (run / "group.json").write_text(json.dumps({"seeds": a.seeds, "pack": a.pack}))
     walls = read_json(run / "walls.json", [])
     (run / "walls.json").write_text(json.dumps(walls + [time.perf_counter() - t0]))
 
@@ -210,6 +233,37 @@ def bench_environment(bench: list[dict], a) -> tuple[str, str]:
     return gpu, torch_version
 
 
+def _finished_record(folder: Path, a, run: Path) -> dict:
+    """The record.json of a training run of the train phase, refused if it has nothing to record
+    (or is unfinished, without --allow-unfinished)."""
+    if not (folder / "record.json").exists():
+        raise SystemExit(f"bench.gpu_record: error: no training run in {folder}; run the `train` phase first "
+                         "(or record the benchmarks alone with --bench-only)")
+    rec = json.loads((folder / "record.json").read_text())
+    done, planned = len(rec["epochs"]), rec["config"]["epochs"]
+    if not rec["epochs"]:  # stopped (or diverged) before its first epoch ended: no figure to record
+        raise SystemExit(f"bench.gpu_record: error: the training run in {folder} is {rec['status']} before its "
+                         f"first epoch ended; nothing of it to record: run `train` again (or record the "
+                         "benchmarks alone with --bench-only)")
+    if rec["status"] != "finished" and not a.allow_unfinished:
+        raise SystemExit(f"bench.gpu_record: error: the training run in {folder} is {rec['status']} after "
+                         f"{done}/{planned} epochs; run `train` again to resume (or write it as it is with "
+                         "--allow-unfinished)")
+    return rec
+
+
+def _train_block(rec: dict, preset: str) -> dict:
+    """A training run's figures in a record."""
+    return {"preset": preset, "status": rec["status"], "epochs_done": len(rec["epochs"]),
+            "epochs_planned": rec["config"]["epochs"], "config": rec["config"], "switches": rec["switches"],
+            "resumed_at_epoch": rec["resumed_at_epoch"], "warmup_s": rec["warmup_s"],
+            "mean_epoch_train_s": rec["mean_epoch_train_s"], "epoch_train_s": [e["train_s"] for e in rec["epochs"]],
+            "images_per_s": [e["images_per_s"] for e in rec["epochs"]],
+            "test_acc_per_epoch": [e["test_acc"] for e in rec["epochs"]],
+            "final_test_acc": rec["final_test_acc"], "best_test_acc": rec["best_test_acc"],
+            "train_s_total": rec["train_s_total"], "eval_s_total": rec["eval_s_total"], "seed": rec["config"]["seed"]}
+
+
 def phase_write(a, work: Path, gpu: str) -> Path:
     run = work / f"train-{a.preset}"
     bench = read_bench(work)
@@ -220,32 +274,23 @@ def phase_write(a, work: Path, gpu: str) -> Path:
         gpu, torch_version = bench_environment(bench, a)
         env, train, rec = {"device_name": gpu, "torch": torch_version}, None, None
     else:
-        if not (run / "record.json").exists():
-            raise SystemExit(f"bench.gpu_record: error: no training run in {run}; run the `train` phase first "
-                             "(or record the benchmarks alone with --bench-only)")
-        rec = json.loads((run / "record.json").read_text())
-        done, planned = len(rec["epochs"]), rec["config"]["epochs"]
-        if not rec["epochs"]:  # stopped (or diverged) before its first epoch ended: no figure to record
-            raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} before its "
-                             f"first epoch ended; nothing of it to record: run `train` again (or record the "
-                             "benchmarks alone with --bench-only)")
-        if rec["status"] != "finished" and not a.allow_unfinished:
-            raise SystemExit(f"bench.gpu_record: error: the training run in {run} is {rec['status']} after "
-                             f"{done}/{planned} epochs; run `train` again to resume (or write it as it is with "
-                             "--allow-unfinished)")
-        walls = read_json(run / "walls.json", [])
+        group = read_json(run / "group.json", None)
+        folders = [run / f"seed{s}" for s in group["seeds"]] if group else [run]
+        recs = [_finished_record(f, a, run) for f in folders]
+        rec, walls = recs[0], read_json(run / "walls.json", [])
         env = dict(rec["environment"])
         # GPU and torch of the machine that trained (write may run elsewhere, from copied results)
         gpu, torch_version = env.get("device_name") or gpu, env.get("torch") or torch.__version__
-        train = {"preset": a.preset, "status": rec["status"], "epochs_done": done, "epochs_planned": planned,
-                 "config": rec["config"], "switches": rec["switches"],
-                 "wall_s": sum(walls), "processes": len(walls), "resumed_at_epoch": rec["resumed_at_epoch"],
-                 "warmup_s": rec["warmup_s"], "mean_epoch_train_s": rec["mean_epoch_train_s"],
-                 "epoch_train_s": [e["train_s"] for e in rec["epochs"]],
-                 "images_per_s": [e["images_per_s"] for e in rec["epochs"]],
-                 "test_acc_per_epoch": [e["test_acc"] for e in rec["epochs"]],
-                 "final_test_acc": rec["final_test_acc"], "best_test_acc": rec["best_test_acc"],
-                 "train_s_total": rec["train_s_total"], "eval_s_total": rec["eval_s_total"]}
+        blocks = [_train_block(r, a.preset) for r in recs]
+        train = {**blocks[0], "wall_s": sum(walls), "processes": len(walls)}
+        if group:  # the seeds' figures, and their means where one run's stood
+            acc = [b["final_test_acc"] for b in blocks]
+            train.update({k: statistics.fmean(b[k] for b in blocks) for k in (
+                "final_test_acc", "best_test_acc", "mean_epoch_train_s", "train_s_total", "eval_s_total", "warmup_s")})
+            train.update(seeds=group["seeds"], pack=group["pack"], per_seed=blocks,
+                         final_test_acc_std=statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                         status=next((b["status"] for b in blocks if b["status"] != "finished"), "finished"),
+                         epochs_done=min(b["epochs_done"] for b in blocks))
     if os.environ.get("FASTRES_GIT_COMMIT"):  # the tree's own commit, where its .git was stale or absent
         env["git_commit"] = os.environ["FASTRES_GIT_COMMIT"]
     result = {
@@ -287,6 +332,9 @@ def main(argv=None) -> int:
     p.add_argument("phase", nargs="?", default="all", choices=["all", "train", "bench", "write", "table"])
     p.add_argument("--preset", default="paper")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (for a quick check)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="train: one run per seed (train-<preset>/seed<S>); write: records each, their mean and std")
+    p.add_argument("--pack", type=int, default=1, metavar="K", help="train --seeds: K runs at a time (fastres.packed)")
     p.add_argument("--groups", nargs="+", default=["loader", "step", "kernels", "kernel_host", "baseline"], choices=list(GROUPS),
                    help="benchmark groups of the bench phase")
     p.add_argument("--select", default=None, metavar="EXPR", help="only the cases pytest's -k EXPR selects")

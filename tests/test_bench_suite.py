@@ -126,6 +126,33 @@ def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
     assert r.returncode != 0 and "different GPUs or torch versions" in r.stderr, r.stderr[-2000:]
 
 
+def test_gpu_record_trains_seeds_packed_and_records_each_with_their_mean(small_data, tmp_path):
+    """The seeds form of the GPU record (the paper's three seeds, packed), on CPU with tiny runs in
+    this process; the expected figures are computed here from each seed's own record.json."""
+    import statistics
+
+    from bench.gpu_record import main, table
+
+    work, out = tmp_path / "work", tmp_path / "results"
+    common = ["--allow-cpu", "--work", str(work), "--out", str(out), "--preset", "smoke", "--data", str(small_data)]
+    tiny = ["--depth", "8", "--epochs", "2", "--train-limit", "500", "--test-limit", "100", "--batch-size", "100"]
+    assert main(["train", *common, *tiny, "--seeds", "0", "1", "--pack", "2"]) == 0
+    assert main(["write", *common]) == 0
+    (rec_path,) = out.glob("*.json")
+    t = json.loads(rec_path.read_text())["train"]
+    runs = [json.loads((work / "train-smoke" / f"seed{s}" / "record.json").read_text()) for s in (0, 1)]
+    acc = [r["final_test_acc"] for r in runs]
+    assert t["seeds"] == [0, 1] and t["pack"] == 2 and [b["seed"] for b in t["per_seed"]] == [0, 1]
+    assert [b["final_test_acc"] for b in t["per_seed"]] == acc
+    assert runs[0]["epochs"][0]["train_loss"] != runs[1]["epochs"][0]["train_loss"]  # two different runs
+    assert t["final_test_acc"] == pytest.approx(statistics.fmean(acc))
+    assert t["final_test_acc_std"] == pytest.approx(statistics.stdev(acc))
+    assert t["mean_epoch_train_s"] == pytest.approx(statistics.fmean(r["mean_epoch_train_s"] for r in runs))
+    assert t["status"] == "finished" and t["processes"] == 1 and t["wall_s"] > max(r["train_s_total"] for r in runs)
+    row = table([json.loads(rec_path.read_text())]).splitlines()[-1]
+    assert "2 seeds packed 2 at a time" in row and f"{100 * statistics.fmean(acc):.2f} ± " in row
+
+
 def test_gpu_record_write_refuses_a_run_stopped_before_its_first_epoch(tmp_path):
     """A job's time limit can stop the training run inside its first epoch: the run's record then has
     no epochs (no time, no accuracy), and `write --allow-unfinished` says so instead of a KeyError,

@@ -12,7 +12,8 @@ GPU; the kernels' own CUDA checks are in test_kernels.py, which runs on the GPU 
   mixup and cutmix on the device against the CPU; the whole step captured with Adam and AdamW;
 - a whole tiny run on CUDA with the default switches and with CUDA graphs; its checkpoint evaluates
   to the accuracy the run recorded, and the run resumes from it (a checkpoint read onto the GPU
-  once made resuming fail: torch restores RNG states from CPU tensors only).
+  once made resuming fail: torch restores RNG states from CPU tensors only);
+- packed runs on their own streams against the same runs alone (within bf16's tolerance).
 """
 import copy
 import json
@@ -284,3 +285,29 @@ def test_cutout_mixup_and_cutmix_on_cuda_match_the_cpu():
         torch.testing.assert_close(b[0].cpu(), a[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(b[1].cpu(), a[1], rtol=1e-6, atol=1e-6)
 
+
+
+def test_packed_runs_on_streams_follow_the_same_runs_alone(small_data, tmp_path):
+    """Two packed runs with the CUDA defaults (the whole step as one CUDA graph over resident data,
+    each run on its own stream, the data shared) against the same runs trained alone. Not to the
+    bit: kernels that overlap and bf16 round differently, so within 5%."""
+    from fastres.config import make_config
+    from fastres.packed import train_packed
+    from fastres.train import train
+
+    def cfg(seed, out):
+        return make_config("smoke", {"data": str(small_data), "depth": 8, "epochs": 2, "train_limit": 2000,
+                                     "seed": seed, "compile": "off", "out": str(out)})
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    packed = train_packed([cfg(s, tmp_path / f"p{s}") for s in (0, 1)], log=quiet)
+    alone = [train(cfg(s, tmp_path / f"a{s}"), log=quiet) for s in (0, 1)]
+    for p, a in zip(packed, alone):
+        assert isinstance(p, dict) and p["status"] == "finished", p
+        assert p["switches"]["whole_step"] == "one CUDA graph per step" and p["switches"]["data_placement"] == "device"
+        assert p["device_memory_peak_mb"] > 0
+        for hp, ha in zip(p["epochs"], a["epochs"]):
+            assert hp["train_loss"] == pytest.approx(ha["train_loss"], rel=0.05), (hp, ha)
+            assert abs(hp["test_acc"] - ha["test_acc"]) <= 0.05, (hp, ha)
+    # two seeds, two different runs (each its own order and initialization on its own stream)
+    assert packed[0]["epochs"][0]["train_loss"] != packed[1]["epochs"][0]["train_loss"]
