@@ -4,6 +4,10 @@
     python -m data_prep.pack pack SRC_DIR OUT_DIR     SRC_DIR/{train,test}.npz -> OUT_DIR/{train,test}.fpk
     python -m data_prep.pack unpack IN_DIR OUT_DIR    IN_DIR/{train,test}.fpk -> OUT_DIR/{train,test}.npz
 
+`pack --limit-train N --limit-test M` packs a class-balanced slice instead (the images that
+`fastres-prep --limit-train N --limit-test M` would keep): a few MiB that let the tests run on
+real images where the whole set has not arrived yet.
+
 Why it is smaller: neighbouring pixels are alike, so each pixel is replaced by its difference from
 a prediction made from already-decoded neighbours (the median edge detector of LOCO-I / JPEG-LS:
 left, up, or left + up - upleft), and the red and blue differences by their difference from the
@@ -130,19 +134,40 @@ def run(argv=None) -> int:
     p.add_argument("action", choices=["pack", "unpack"])
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="pack: a class-balanced slice of N training images")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="pack: a class-balanced slice of N test images")
     a = p.parse_args(argv)
-    a.dst.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        if a.action == "pack":
-            from .sources import _load_npz
-            s = _load_npz(a.src / f"{split}.npz")
-            pack_split(s.images, s.labels, a.dst / f"{split}.fpk")
-        else:
+    limits = {"train": a.limit_train, "test": a.limit_test}
+    if a.action == "unpack":
+        if any(v is not None for v in limits.values()):
+            p.error("--limit-train/--limit-test apply to pack only")
+        a.dst.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
             images, labels = unpack_split(a.src / f"{split}.fpk")
             tmp = a.dst / f".{split}.partial.npz"
             np.savez(tmp, images=images, labels=labels)
             tmp.replace(a.dst / f"{split}.npz")
-        print(f"{a.action}: {split} -> {a.dst}")
+            print(f"unpack: {split} -> {a.dst}")
+        return 0
+    from .sources import _load_npz, balanced_indices
+
+    splits = {}
+    for split in SPLITS:  # every split read and sliced before any file is written
+        s = _load_npz(a.src / f"{split}.npz")
+        images, labels = s.images, s.labels
+        if limits[split] is not None:
+            try:
+                keep = balanced_indices(labels, limits[split])
+            except ValueError as e:
+                raise BadInput(f"--limit-{split}: {e}") from None
+            images, labels = images[keep], labels[keep]
+        splits[split] = images, labels
+    a.dst.mkdir(parents=True, exist_ok=True)
+    for split, (images, labels) in splits.items():
+        pack_split(images, labels, a.dst / f"{split}.fpk")
+        print(f"pack: {split} -> {a.dst}")
     return 0
 
 

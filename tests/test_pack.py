@@ -61,3 +61,27 @@ def test_damaged_files_are_refused(slice_, tmp_path):
     p.write_bytes(raw[:4] + struct.pack("<I", len(h)) + h + chunk + labels_chunk)
     with pytest.raises(PackError, match="does not match its recorded SHA-256"):
         unpack_split(p, workers=1)
+
+
+def test_pack_limits_keep_the_first_images_of_each_class_in_source_order(cifar, tmp_path):
+    from data_prep.pack import run
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for split, step in (("train", 10), ("test", 5)):  # 5,000 / 2,000 real images, every class
+        images, labels = cifar[split]
+        np.savez(src / f"{split}.npz", images=images[::step], labels=labels[::step])
+    assert run(["pack", str(src), str(tmp_path / "slice"), "--limit-train", "205", "--limit-test", "50"]) == 0
+    for split, n in (("train", 205), ("test", 50)):
+        with np.load(src / f"{split}.npz") as f:
+            images, labels = f["images"], f["labels"]
+        # expected, built here: class c keeps its first 20 (train: 21 for classes 0-4) images
+        want = sorted(i for c in range(10) for i in np.flatnonzero(labels == c)[:n // 10 + (c < n % 10)])
+        got_images, got_labels = unpack_split(tmp_path / "slice" / f"{split}.fpk", workers=1)
+        assert len(got_labels) == n
+        assert np.array_equal(got_images, images[want]) and np.array_equal(got_labels, labels[want])
+    # a slice larger than a split holds: refused before anything is written
+    from fastres.errors import BadInput
+    with pytest.raises(BadInput, match="--limit-test: subset of 5000 asked from 2000 images"):
+        run(["pack", str(src), str(tmp_path / "big"), "--limit-train", "10", "--limit-test", "5000"])
+    assert not (tmp_path / "big").exists()
