@@ -9,9 +9,10 @@ Phases (default `all` = train, bench, write, in one go):
   bench   the benchmark groups (default loader, step, kernels, kernel_host, baseline) with
           pytest-benchmark; each case's result is appended to runs/gpu-record/bench.jsonl as it
           finishes (a case run again replaces its earlier result)
-  write   bench/results/<date>-<gpu>.json (GPU, torch, per-epoch times, accuracy, benchmarks)
-          and a short .md beside it, from the finished training run and the benchmarks
-          (--bench-only: the benchmarks alone, as <date>-<gpu>-bench.json)
+  write   bench/results/<date>-<gpu>-<preset>.json (-<preset>-<N>seeds.json for --seeds; GPU,
+          torch, per-epoch times, accuracy, benchmarks) and a short .md beside it, from the
+          finished training run and the benchmarks (--bench-only: the benchmarks alone, as
+          <date>-<gpu>-bench.json)
   table   print the Markdown table of all committed records, as shown in the README
 
 Needs CUDA (`--allow-cpu` exists to test this script itself on a CPU).
@@ -301,7 +302,9 @@ def phase_write(a, work: Path, gpu: str) -> Path:
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}" + ("-bench" if a.bench_only else "")
+    # one file per GPU, day and kind of record: the benchmarks alone, or a preset's run (its seeds)
+    kind = "bench" if a.bench_only else a.preset + (f"-{len(train['seeds'])}seeds" if train.get("seeds") else "")
+    stem = f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}-{kind}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     if rec is None:
         lines = [f"# {gpu}, {date}: benchmarks only", "", f"torch {torch_version}; no training run in this record."]

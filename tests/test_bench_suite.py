@@ -99,6 +99,7 @@ def test_gpu_record_phases_resume_and_write_the_record(small_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (rec_path,) = out.glob("*.json")
     rec = json.loads(rec_path.read_text())
+    assert rec_path.name == f"{rec['date']}-cpu-smoke.json"  # the preset named: another's is another file
     assert rec["gpu"] and rec["torch"] == torch.__version__
     assert rec["train"]["processes"] == 2 and rec["train"]["resumed_at_epoch"] == 1
     assert len(rec["train"]["epoch_train_s"]) == 1 and 0 <= rec["train"]["final_test_acc"] <= 1
@@ -139,6 +140,7 @@ def test_gpu_record_trains_seeds_packed_and_records_each_with_their_mean(small_d
     assert main(["train", *common, *tiny, "--seeds", "0", "1", "--pack", "2"]) == 0
     assert main(["write", *common]) == 0
     (rec_path,) = out.glob("*.json")
+    assert rec_path.name.endswith("-cpu-smoke-2seeds.json")
     t = json.loads(rec_path.read_text())["train"]
     runs = [json.loads((work / "train-smoke" / f"seed{s}" / "record.json").read_text()) for s in (0, 1)]
     acc = [r["final_test_acc"] for r in runs]
