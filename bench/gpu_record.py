@@ -165,21 +165,26 @@ def phase_train(a, rest, work: Path) -> None:
     if a.epochs:
         over["epochs"] = a.epochs
     cfg = make_config(a.preset, over)
-    t0 = time.perf_counter()
-    if not a.seeds:
-        train(cfg, resume=True)
-    else:  # one run per seed, `pack` at a time; each resumes what its folder holds
-        cfgs = [dataclasses.replace(cfg, seed=s, out=str(run / f"seed{s}")) for s in a.seeds]
-        if a.pack > 1:
-            results = train_packed(cfgs, resume=True, names=[f"seed{c.seed}" for c in cfgs], slots=a.pack)
-        else:
-            results = [train(c, resume=True) for c in cfgs]
-        failed = [r for r in results if not isinstance(r, dict)]
-        if failed:
-            raise failed[0]
+    if a.seeds:  # the group is known before it trains: a run stopped by a time limit is written too
+        run.mkdir(parents=True, exist_ok=True)
         (run / "group.json").write_text(json.dumps({"seeds": a.seeds, "pack": a.pack}))
-    walls = read_json(run / "walls.json", [])
-    (run / "walls.json").write_text(json.dumps(walls + [time.perf_counter() - t0]))
+    t0 = time.perf_counter()
+    try:
+        if not a.seeds:
+            train(cfg, resume=True)
+        else:  # one run per seed, `pack` at a time; each resumes what its folder holds
+            cfgs = [dataclasses.replace(cfg, seed=s, out=str(run / f"seed{s}")) for s in a.seeds]
+            if a.pack > 1:
+                results = train_packed(cfgs, resume=True, names=[f"seed{c.seed}" for c in cfgs], slots=a.pack)
+            else:
+                results = [train(c, resume=True) for c in cfgs]
+            failed = [r for r in results if not isinstance(r, dict)]
+            if failed:
+                raise failed[0]
+    finally:  # this process's wall time counts in the record whether it finished or was stopped
+        walls = read_json(run / "walls.json", [])
+        if run.exists():
+            (run / "walls.json").write_text(json.dumps(walls + [time.perf_counter() - t0]))
 
 
 def phase_bench(a, work: Path) -> None:

@@ -155,6 +155,53 @@ def test_gpu_record_trains_seeds_packed_and_records_each_with_their_mean(small_d
     assert "2 seeds packed 2 at a time" in row and f"{100 * statistics.fmean(acc):.2f} ± " in row
 
 
+def test_gpu_record_writes_a_seeds_group_stopped_by_a_time_limit(small_data, tmp_path):
+    """A job's time limit (`timeout -s INT`) stops a packed group of seeds mid-way: `write
+    --allow-unfinished` records each seed as far as it got, marked interrupted, with the wall time
+    the stopped process spent. In this process: SIGINT is sent to it once both seeds have an epoch."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from bench.gpu_record import main
+    from fastres.errors import Interrupted
+
+    work, out = tmp_path / "work", tmp_path / "results"
+    common = ["--allow-cpu", "--work", str(work), "--out", str(out), "--preset", "smoke", "--data", str(small_data)]
+    tiny = ["--depth", "8", "--epochs", "30", "--train-limit", "500", "--test-limit", "100", "--batch-size", "100"]
+    records = [work / "train-smoke" / f"seed{s}" / "record.json" for s in (0, 1)]
+
+    def epochs(path):
+        try:
+            return len(json.loads(path.read_text())["epochs"])
+        except (OSError, ValueError):
+            return 0
+
+    def stop_after_first_epochs():
+        deadline = time.monotonic() + 300
+        while min(epochs(r) for r in records) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # the training's handler takes it: stop at the next step
+
+    t = threading.Thread(target=stop_after_first_epochs, daemon=True)
+    t.start()
+    with pytest.raises(Interrupted):
+        main(["train", *common, *tiny, "--seeds", "0", "1", "--pack", "2"])
+    t.join()
+    runs = [json.loads(r.read_text()) for r in records]
+    assert all(r["status"] == "interrupted" and 1 <= len(r["epochs"]) < 30 for r in runs), [r["status"] for r in runs]
+    with pytest.raises(SystemExit, match="interrupted after"):  # unfinished: refused unless asked for
+        main(["write", *common])
+    assert main(["write", *common, "--allow-unfinished"]) == 0
+    (rec_path,) = out.glob("*.json")
+    rec = json.loads(rec_path.read_text())["train"]
+    assert rec["seeds"] == [0, 1] and rec["status"] == "interrupted" and rec["processes"] == 1
+    assert [b["epochs_done"] for b in rec["per_seed"]] == [len(r["epochs"]) for r in runs]
+    assert rec["epochs_done"] == min(len(r["epochs"]) for r in runs)
+    assert rec["wall_s"] > max(r["train_s_total"] for r in runs)
+
+
 def test_gpu_record_write_refuses_a_run_stopped_before_its_first_epoch(tmp_path):
     """A job's time limit can stop the training run inside its first epoch: the run's record then has
     no epochs (no time, no accuracy), and `write --allow-unfinished` says so instead of a KeyError,
