@@ -29,6 +29,7 @@ import numpy as np
 from fastres.errors import BadInput
 from fastres.progress import Progress
 from fastres.rundir import remove_stale_temporaries
+from .ffcv_import import import_ffcv
 from .sources import NUM_CLASSES, Split, balanced_indices
 
 TRAIN_FILE = "cifar10_train.beton"
@@ -155,6 +156,7 @@ def verify(out: str | os.PathLike, check_hash: bool = True) -> dict:
 
 def beton_labels(path: Path) -> np.ndarray:
     """All labels of a .beton file without decoding images (FFCV keeps IntFields in its metadata)."""
+    import_ffcv()
     from ffcv.reader import Reader
 
     r = Reader(str(path))
@@ -194,6 +196,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def write_beton(split: Split, path: Path, num_workers: int, name: str = "", log=print) -> None:
+    import_ffcv()
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
 

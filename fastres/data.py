@@ -15,6 +15,7 @@ import torch
 
 from data_prep import MANIFEST_FILE, TEST_FILE, TRAIN_FILE, balanced_indices
 from data_prep.convert import DataError, beton_labels, verify
+from data_prep.ffcv_import import import_ffcv
 
 
 def has_data(data_dir: str | os.PathLike) -> bool:
@@ -45,6 +46,7 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
     distributed: FFCV's DistributedSampler gives each rank a disjoint share of the random order.
     shard=(rank, world): keep every world-th image from rank on (disjoint sequential test shards).
     """
+    import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
