@@ -38,7 +38,8 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "runs" / "gpu-record"
 GROUPS = {"loader": "bench/test_loader.py", "step": "bench/test_step.py", "kernels": "bench/test_kernels.py",
           "kernel_host": "bench/test_kernel_host.py", "epoch": "bench/test_epoch.py",
-          "baseline": "bench/test_baseline.py", "pack": "bench/test_pack.py"}
+          "baseline": "bench/test_baseline.py", "pack": "bench/test_pack.py",
+          "startup": "bench/test_startup.py"}
 
 
 def run_benchmarks(groups: list[str], env: dict, jsonl: Path, select: str | None = None) -> int:
@@ -323,6 +324,7 @@ def phase_write(a, work: Path, gpu: str) -> Path:
     for b in bench:
         rate = (f"{b['images_per_s']:.0f} img/s" if "images_per_s" in b else
                 f"{b['host_us_per_fwd_bwd']:.1f} us host per fwd+bwd" if "host_us_per_fwd_bwd" in b else
+                f"{b['seconds_per_process']:.2f} s per process" if "seconds_per_process" in b else
                 f"{b.get('gb_per_s', 0):.0f} GB/s ({100 * b.get('fraction_of_dram', 0):.0f}% of DRAM)")
         per = b.get("per_call_s", b["median_s"] / b.get("steps_per_round", 1))
         lines.append(f"| {b['group']} | {b['name']} | {rate} | {1000 * per:.3f} ms |")

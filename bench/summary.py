@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # Baseline case of each group: a case whose name contains the word, with the same batch size.
 BASELINES = {"step": "eager_baseline", "loader": "torchvision", "kernel_host": "custom_op", "kernels": "eager",
-             "epoch": "[stream]", "pack": "[k1]",
+             "epoch": "[stream]", "pack": "[k1]", "startup": "[plain]",
              "baseline": "torchvision"}
 NOISY = 0.25  # (max - min) / median of the rounds above which a case is flagged
 
@@ -36,7 +36,8 @@ def lines(benchmarks: list[dict], compared: dict[str, dict] | None = None) -> li
         members = [c for c in cases if c["group"] == group]
         out.append(f"[{group}]")
         for c in members:
-            text = f"  {c['name']:<58} {c['rate']:>12,.1f} {c['unit']}"
+            rate = f"{c['rate']:>12,.1f}" if c["rate"] >= 10 else f"{c['rate']:>12.3f}"  # slow rounds: 3 decimals
+            text = f"  {c['name']:<58} {rate} {c['unit']}"
             base = [b for b in members if BASELINES.get(group, "\0") in b["name"] and b["batch"] == c["batch"]]
             if base and base[0] is not c and base[0]["rate"]:
                 text += f"  {c['rate'] / base[0]['rate']:5.2f}x baseline"
