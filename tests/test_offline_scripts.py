@@ -142,3 +142,10 @@ def test_setup_refuses_missing_or_damaged_pieces_then_converts(packed, tmp_path)
     assert got["counts"] == want["counts"] and got["content_sha256"] == want["content_sha256"]
     r = sh("offline_setup.sh", PYTHON=py, OFFLINE_DIR=dev, DATA=data)  # done: nothing to redo
     assert r.returncode == 0 and "fastres-prep" not in r.stdout + r.stderr
+
+
+def test_wheels_script_refuses_bad_arguments_before_downloading(tmp_path):
+    r = sh("offline_wheels.sh")
+    assert r.returncode == 2 and "usage: scripts/offline_wheels.sh DIR" in r.stderr
+    r = sh("offline_wheels.sh", str(tmp_path / "w"), TARGET_PYTHON="312")
+    assert r.returncode == 2 and "TARGET_PYTHON=312: give MAJOR.MINOR" in r.stderr and not (tmp_path / "w").exists()
