@@ -62,7 +62,10 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
     if world > 1:
         indices = (np.arange(len(beton_labels(path))) if indices is None else indices)[rank::world]
     if num_workers < 1:
-        num_workers = os.cpu_count() or 1
+        # FFCV sets torch's intra-op thread count to its worker count (at the Loader's creation
+        # and every epoch), so all cores here would undo OMP_NUM_THREADS: N sweep workers sharing
+        # a CPU would each compute on every core. The process's own thread count keeps it.
+        num_workers = torch.get_num_threads()
     return Loader(
         str(path), batch_size=batch_size, num_workers=num_workers, os_cache=True,
         order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,

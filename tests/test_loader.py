@@ -68,3 +68,19 @@ def test_batches_dtype_layout(small_data):
     # Normalized with the manifest's statistics: roughly zero mean and unit std per channel.
     m = x.float().mean(dim=(0, 2, 3))
     assert m.abs().max() < 0.5
+
+
+def test_default_loader_workers_keep_the_process_thread_count(small_data):
+    """FFCV sets torch's intra-op thread count to its loader's worker count (when the loader is made
+    and at every epoch): the default worker count is the process's own thread count, so that a
+    process given fewer threads than cores (OMP_NUM_THREADS: N sweep workers on one CPU) keeps them."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 would
+        loader = make_loader(small_data / TRAIN_FILE, 100, torch.device("cpu"), train=True, seed=0)
+        assert torch.get_num_threads() == 1
+        for _ in loader:  # an epoch
+            pass
+        assert torch.get_num_threads() == 1 and loader.num_workers == 1
+    finally:
+        torch.set_num_threads(before)
