@@ -20,21 +20,31 @@ READ_FROM = "1.0.2"  # the FFCV version whose rgb_image.py and memory_managers/b
 
 
 def import_ffcv() -> None:
-    """Import FFCV if this process has not yet (call it before the first `from ffcv... import`)."""
+    """Import FFCV if this process has not yet (call it before the first `from ffcv... import`).
+
+    Also puts torch's intra-op thread count back as it was: importing `ffcv.pipeline.compiler`
+    runs `Compiler.set_num_threads(1)`, which calls `torch.set_num_threads(1)`, so a process
+    that imported FFCV would otherwise compute on one core until a Loader set it again."""
     if "ffcv" in sys.modules:
         return
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         version = importlib.metadata.version("ffcv")
     except importlib.metadata.PackageNotFoundError:
         version = None
-    if version != READ_FROM:
-        import ffcv  # noqa: F401  as it is (or the ImportError that names the missing package)
-        return
-    import numba.typed
-
-    typed_dict = numba.typed.Dict
-    numba.typed.Dict = dict
     try:
-        import ffcv  # noqa: F401
+        if version != READ_FROM:
+            import ffcv  # noqa: F401  as it is (or the ImportError that names the missing package)
+            return
+        import numba.typed
+
+        typed_dict = numba.typed.Dict
+        numba.typed.Dict = dict
+        try:
+            import ffcv  # noqa: F401,F811
+        finally:
+            numba.typed.Dict = typed_dict
     finally:
-        numba.typed.Dict = typed_dict
+        torch.set_num_threads(threads)

@@ -1,4 +1,7 @@
 """FFCV loaders: seeded random order per epoch, drop_last, sequential test order, subsets."""
+import subprocess
+import sys
+
 import numpy as np
 import torch
 
@@ -71,16 +74,22 @@ def test_batches_dtype_layout(small_data):
 
 
 def test_default_loader_workers_keep_the_process_thread_count(small_data):
-    """FFCV sets torch's intra-op thread count to its loader's worker count (when the loader is made
-    and at every epoch): the default worker count is the process's own thread count, so that a
-    process given fewer threads than cores (OMP_NUM_THREADS: N sweep workers on one CPU) keeps them."""
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 would
-        loader = make_loader(small_data / TRAIN_FILE, 100, torch.device("cpu"), train=True, seed=0)
-        assert torch.get_num_threads() == 1
-        for _ in loader:  # an epoch
-            pass
-        assert torch.get_num_threads() == 1 and loader.num_workers == 1
-    finally:
-        torch.set_num_threads(before)
+    """FFCV sets torch's intra-op thread count at import (to 1) and to its loader's worker count
+    (when a loader is made and at every epoch). fastres puts the count back after the import and
+    makes loaders of the process's own thread count, so a process keeps the threads it was given:
+    all cores by default, fewer under OMP_NUM_THREADS (N sweep workers sharing a CPU). In a fresh
+    process, where FFCV is not imported yet."""
+    code = f"""
+import torch
+from fastres.data import make_loader
+for n in (2, 1):  # FFCV imported during the first loader's creation
+    torch.set_num_threads(n)
+    loader = make_loader({str(small_data / TRAIN_FILE)!r}, 100, torch.device("cpu"), train=True, seed=0)
+    made = torch.get_num_threads()
+    for _ in loader:  # an epoch
+        pass
+    print(n, made, torch.get_num_threads(), loader.num_workers)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["2 2 2 2", "1 1 1 1"], r.stdout
