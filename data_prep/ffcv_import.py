@@ -3,9 +3,9 @@
 `ffcv.fields.rgb_image` (imported by `import ffcv`, whatever part of FFCV is asked for) fills a
 `numba.typed.Dict` with its two image modes, {'jpg': 0, 'raw': 1}, when it is imported. Building
 that first typed dict compiles numba's dictionary machinery: about 4 s of a 7 s import on a
-2-core CPU (`python -X importtime -c "import ffcv"`; the `ffcv_import` case of bench/test_loader.py
+2-core CPU (`python -X importtime -c "import ffcv"`; the `startup` group, bench/test_startup.py,
 measures both imports side by side), in every process that loads or writes data: each `fastres
-train`, sweep worker, DataLoader-free test process. FFCV reads the dict only from Python (to pick
+train`, sweep worker, `fastres-prep` and test process. FFCV reads the dict only from Python (to pick
 the constants its compiled decoders close over, and in the writer), never inside compiled code, so
 a plain dict does the same job. For FFCV 1.0.2, the version fastres pins and whose code this was
 read from, the import runs with `numba.typed.Dict` set to `dict` and puts it back after; any
