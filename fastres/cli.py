@@ -1,4 +1,4 @@
-"""fastres command line: train, eval, summary, sweep, leaderboard, compare. `fastres COMMAND --help` explains each."""
+"""fastres command line: train, eval, summary, sweep, leaderboard, compare, env. `fastres COMMAND --help` explains each."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "accuracy against cumulative training seconds, one line per run.")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by 'fastres train'")
     c.add_argument("--png", default="compare.png", help="where to write the plot (default: compare.png)")
+    v = sub.add_parser("env", allow_abbrev=False, help="this machine and what a run would use on it (no data needed)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Python, torch and the CUDA version it was built for, the NVIDIA driver, each "
+                                   "GPU's name, capability and memory, the Triton, FFCV, numba and Optuna versions, "
+                                   "the CPU's capability; then what precision, compilation, whole step, fused "
+                                   "kernels and data placement a run of the preset (and settings) would resolve to "
+                                   "here, and why. A torch that cannot use this machine's GPU is named with its fix.",
+                       epilog="examples:\n"
+                              "  fastres env                                # the paper preset here\n"
+                              "  fastres env --preset throughput --amp fp16\n"
+                              "  fastres env --json > env.json              # for a bug report")
+    v.add_argument("--preset", default="paper", help="named recipe to resolve (default: paper)")
+    v.add_argument("--json", action="store_true", help="the facts and the resolution as JSON")
     return p
 
 
@@ -206,6 +219,9 @@ def main(argv=None) -> int:
                 from .sweep import run_sweep_file
                 return run_sweep_file(args.file, args.out, args.storage, args.workers, args.report, args.worker,
                                       pack=args.pack)
+        elif args.command == "env":
+            from .env import show
+            show(make_config(args.preset, parse_overrides(rest)), args.json)
         elif args.command == "leaderboard":
             if rest:
                 raise ConfigError(f"unexpected arguments {' '.join(rest)}")

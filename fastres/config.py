@@ -83,11 +83,15 @@ class Config:
     # --- performance switches (resolved once, at start; see fastres.runtime) ---------------
     device: str = "auto"                  # auto | cpu | cuda
     channels_last: bool = True            # NHWC memory for activations and weights
-    amp: str = "auto"                     # auto | on | off: bf16 autocast (auto = on for CUDA and for
-                                          # CPUs with native bf16, AMX or AVX512-BF16)
+    amp: str = "auto"                     # auto | bf16 | fp16 | off (on = bf16): autocast precision; auto =
+                                          # bf16 on CUDA capability >= 8.0 and on CPUs with native bf16
+                                          # (AMX, AVX512-BF16), fp16 with dynamic loss scaling on older
+                                          # CUDA (T4, V100, P100), off on other CPUs
     compile: str = "auto"                 # auto | off | default | reduce-overhead (CUDA graphs) | max-autotune
-                                          # | max-autotune-no-cudagraphs (auto = reduce-overhead on CUDA,
-                                          # default under torchrun, off on CPU; see fastres.runtime)
+                                          # | max-autotune-no-cudagraphs (auto on CUDA = default inside
+                                          # the whole step and under torchrun, reduce-overhead without
+                                          # the whole step; off on CPU and below CUDA capability 7.0,
+                                          # where Triton cannot compile; see fastres.runtime)
     fused_bn_relu: bool = False           # Triton BN+ReLU and BN+add+ReLU kernels (CUDA; see kernels/)
     compile_augment: bool = True          # torch.compile the batched crop+flip+normalize into one
                                           # fused kernel (2-core CPU: ~11 s once, ~1 s when cached;
@@ -129,7 +133,7 @@ PRESETS: dict[str, dict] = {
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
-    "amp": ("auto", "on", "off"),
+    "amp": ("auto", "bf16", "fp16", "off", "on"),
     "compile": ("auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "schedule": ("cosine_epoch", "cosine_step"),
     "data_placement": ("auto", "stream", "device"),

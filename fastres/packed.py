@@ -30,7 +30,7 @@ from .design import check_budget
 from .distributed import Dist
 from .errors import BadInput, FastresError, Interrupted
 from .rundir import StopRequest, open_run_dir
-from .runtime import resolve_device
+from .runtime import check_before_work, resolve_device
 from .train import run
 
 
@@ -184,6 +184,7 @@ def train_packed(cfgs: list[Config], resume: bool = False, log=print, names: lis
         raise BadInput(f"--pack: the packed runs must share one device; got {', '.join(sorted(devices))}")
     for c in cfgs:
         check_budget(c)  # an over-budget member is refused before any folder is touched
+        check_before_work(c)  # so is what this torch or device cannot run
     with contextlib.ExitStack() as held:
         group = Pack(min(slots or len(cfgs), len(cfgs)), resume, log, held, held.enter_context(StopRequest(log)))
         for i, c in enumerate(cfgs):  # every folder checked and locked before any run starts

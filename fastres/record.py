@@ -3,7 +3,6 @@ and TensorBoard scalars (record.json itself is assembled by the training loop)."
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import os
 import platform
 import subprocess
@@ -16,11 +15,9 @@ from .rundir import CHECKPOINT, CURVES, METRICS_CSV, RECORD, atomic_write  # noq
 
 
 def environment(rt) -> dict:
-    def version(dist_name):  # the installed distribution's version (ffcv's __version__ is stale)
-        try:
-            return importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+    """The machine's facts (fastres.machine.facts(), as `fastres env` shows them) with the run's
+    device, threads and commit."""
+    from .machine import facts
 
     # FASTRES_GIT_COMMIT names the commit of a copied tree whose .git is absent or stale (a tree
     # copied to an offline machine); otherwise git says.
@@ -30,9 +27,7 @@ def environment(rt) -> dict:
                                           capture_output=True, text=True, timeout=5).stdout.strip() or None
     except Exception:
         commit = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
-            "ffcv": version("ffcv"), "numpy": version("numpy"), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {**facts(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": str(rt.device), "device_name": rt.summary.get("device_name", platform.processor() or "cpu"),
             "git_commit": commit}
 

@@ -6,8 +6,12 @@ forward and backward as CUDA graphs (50%), but the optimizer update, the learnin
 and the EMA still run from the host between replays (bench/results/2026-11-26-nvidia-h200-profile.md).
 WholeStep captures everything a step does into one graph, replayed with one launch:
 
-  forward + loss (bf16 autocast)   the model, compiled without CUDA graphs of its own
-  backward                         gradients land in tensors the graph owns
+  forward + loss (bf16/fp16)       the model, compiled without CUDA graphs of its own
+  backward                         gradients land in tensors the graph owns; under fp16 the loss
+                                   is scaled first and the gradients unscaled and checked after
+                                   (torch.amp.GradScaler, whose scale and found-inf flag are
+                                   device tensors), and a step with a non-finite gradient leaves
+                                   weights, optimizer state and EMA as they were
   SGD, Adam or AdamW               torch.optim's update written as foreach ops, with the lr read
                                    from a device table of the run's whole schedule at a step
                                    counter the graph advances (Adam's bias corrections from the
@@ -66,26 +70,67 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, lr, t, wd: float, beta1: f
     torch._foreach_add_(params, upd)
 
 
-def ema_update(ema_p, src_p, ema_b, src_b, n, decay):
+def ema_update(ema_p, src_p, ema_b, src_b, n, decay, keep=None):
     """fastres.optim.EMA.update with the update count n and the decay as 0-d device tensors:
     ema += (1 - min(decay, (1 + n) / (10 + n))) * (src - ema); buffers copied. The caller
-    advances n (compiled by torch 2.11, an `n += 1` in here gave wrong EMA weights)."""
+    advances n (compiled by torch 2.11, an `n += 1` in here gave wrong EMA weights). keep: a 0-d
+    0./1. tensor under loss scaling, 0 on a skipped step (the EMA then stays as it was)."""
     w = 1 - torch.minimum((1 + n) / (10 + n), decay)
     diff = torch._foreach_sub(src_p, ema_p)
-    torch._foreach_mul_(diff, w)
+    torch._foreach_mul_(diff, w if keep is None else w * keep)
     torch._foreach_add_(ema_p, diff)
-    torch._foreach_copy_(ema_b, src_b)
+    if keep is None:
+        torch._foreach_copy_(ema_b, src_b)
+    else:
+        for e, b in zip(ema_b, src_b):
+            e.copy_(torch.where(keep > 0, b, e))
+
+
+def found_inf(scaler: torch.amp.GradScaler, opt) -> torch.Tensor | None:
+    """This step's found-inf flag (a 0-d float tensor on the device, 1. when a gradient is not
+    finite) once scaler.unscale_(opt) or scaler.step(opt) ran; None when loss scaling is off.
+    GradScaler keeps it per optimizer and device and has no public getter (step() only reads it
+    on the host), hence the private method."""
+    if not scaler.is_enabled():
+        return None
+    flags = list(scaler._found_inf_per_device(opt).values())
+    return flags[0] if len(flags) == 1 else torch.stack(flags).sum().clamp(max=1)
+
+
+def restore_if(found: torch.Tensor, tensors: list, before: list):
+    """t = before where found (a skipped step), else t as updated: selection, not arithmetic, so a
+    non-finite update leaves nothing behind and a kept one is exact."""
+    for t, b in zip(tensors, before):
+        t.copy_(torch.where(found > 0, b, t))
 
 
 class EpochSums:
     """The epoch's summed loss and correct predictions, kept on the device by a training step
     (TrainStep, WholeStep): the loop zeroes them with reset() at an epoch's start
     and reads them only every 25 steps (the non-finite check) and at the epoch's end, so no step
-    waits for the host."""
+    waits for the host. Also the run's loss scaler and its count of skipped steps (fp16)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, scaler: torch.amp.GradScaler):
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.scaler = scaler
+        self.skipped = torch.zeros((), dtype=torch.float32, device=device)  # steps skipped: non-finite gradients
+
+    def scaling_state(self) -> dict:
+        """The loss scaler's state and the steps skipped so far (for checkpoints; {} when off)."""
+        if not self.scaler.is_enabled():
+            return {}
+        return {"scaler": self.scaler.state_dict(), "skipped_steps": int(self.skipped.item())}
+
+    def load_scaling_state(self, state: dict):
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+            self.skipped.fill_(state["skipped_steps"])
+
+    def scaling_report(self) -> dict | None:
+        """For the record: {'skipped_steps', 'final_scale'} under fp16, else None."""
+        state = self.scaling_state()
+        return {"skipped_steps": state["skipped_steps"], "final_scale": state["scaler"]["scale"]} if state else None
 
     def reset(self):
         self.loss_sum.zero_(), self.correct.zero_()
@@ -102,13 +147,15 @@ class WholeStep(EpochSums):
     """step(x, y) -> (loss, logits): the step's outputs, valid until the next call (graph-owned)."""
 
     def __init__(self, model, opt: torch.optim.Optimizer, sched, ema, criterion, rt, lr_table: list[float],
-                 capture: bool):
+                 capture: bool, scaler: torch.amp.GradScaler | None = None):
         self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
         dev = rt.device
         self.capture = capture and dev.type == "cuda"
         self.lrs = torch.tensor(lr_table, dtype=torch.float64, device=dev)  # lr at optimizer step s, as
         # the host's Python floats (a 0-d float64 scales float32 weights without promoting them)
-        self.step_t = torch.zeros((), dtype=torch.int64, device=dev)  # optimizer steps taken
+        self.step_t = torch.zeros((), dtype=torch.int64, device=dev)  # steps taken (the schedule's)
+        self.opt_t = torch.zeros((), dtype=torch.float64, device=dev)  # updates made (Adam's t): fewer
+        # than steps when fp16's loss scaling skipped some
         self.ema_n = torch.zeros((), dtype=torch.float64, device=dev)  # EMA updates made
         self.ema_decay = torch.tensor(float(ema.decay), dtype=torch.float64, device=dev)  # made here: no
         # host-to-device copy in the graph; float64 as the host's EMA computes its decay
@@ -116,13 +163,15 @@ class WholeStep(EpochSums):
         # resume without the whole step): float32 counters as torch keeps them, one per parameter
         # (torch's Adam advances each in place), advanced by the graph
         self.opt_steps = []
-        super().__init__(dev)
+        super().__init__(dev, scaler if scaler is not None else rt.grad_scaler())
         # With compilation on, the update and the EMA are compiled too: each becomes a few fused
         # passes over the weights instead of one foreach pass per operation.
         compiled = rt.compile_mode is not None
         compile_fn = (lambda f: torch.compile(f, dynamic=False)) if compiled else (lambda f: f)
         self.ema_update = compile_fn(ema_update)
         self.updates = [self._group_update(g, compile_fn) for g in opt.param_groups]
+        # what a skipped step must leave as it was: weights and the optimizer's buffers
+        self.guarded = [t for u in self.updates for t in [*u["params"], *(b for bs in u["state"].values() for b in bs)]]
         self.graph, self.static = None, None
         # The update is ours, so opt.step() never runs; LambdaLR would then warn on every run that
         # its step came before the optimizer's. This is the flag its wrapper of opt.step sets.
@@ -154,24 +203,35 @@ class WholeStep(EpochSums):
 
     # --- the step's arithmetic, captured or not --------------------------------------------------
     def _body(self, x, y):
-        with torch.autocast(self.rt.device.type, dtype=torch.bfloat16, enabled=self.rt.amp, cache_enabled=False):
+        with torch.autocast(self.rt.device.type, dtype=self.rt.amp_dtype or torch.bfloat16, enabled=self.rt.amp,
+                            cache_enabled=False):
             logits = self.model(x)
             loss = self.criterion(logits, y)
-        loss.backward()
+        self.scaler.scale(loss).backward()  # the loss times the scale under fp16, else the loss
         loss, logits = loss.detach(), logits.detach()
         with torch.no_grad():
+            self.scaler.unscale_(self.opt)  # no host sync; a no-op without loss scaling
+            found = found_inf(self.scaler, self.opt)  # None without loss scaling
+            before = [t.clone() for t in self.guarded] if found is not None else None
             # index_select, not lrs[t]: indexing with a tensor may read it back to the host
             lr = self.lrs.index_select(0, self.step_t.clamp(max=len(self.lrs) - 1).view(1)).squeeze()
-            t = (self.step_t + 1).double()  # this step's number, from 1 (Adam's bias corrections)
+            t = self.opt_t + 1  # this update's number, from 1 (Adam's bias corrections)
             for u in self.updates:
                 u["fn"](lr, t)
-            self.step_t += 1
+            keep = 1.0
+            if found is not None:  # a non-finite gradient: this step's update is undone, the scale backs off
+                restore_if(found, self.guarded, before)
+                keep = 1 - found
+                self.skipped += found
+                self.scaler.update()
+            self.step_t += 1  # the schedule advances either way, as with GradScaler and LambdaLR
+            self.opt_t += keep
             if self.opt_steps:
-                torch._foreach_add_(self.opt_steps, 1.0)
+                torch._foreach_add_(self.opt_steps, keep)
             if self.ema.decay > 0:
                 self.ema_update(self.ema._ema_p, self.ema._src_p, self.ema._ema_b, self.ema._src_b, self.ema_n,
-                                self.ema_decay)
-                self.ema_n += 1
+                                self.ema_decay, None if found is None else keep)
+                self.ema_n += keep
             self.count(loss, logits, y)  # the epoch's sums, inside the graph too
         return loss, logits
 
@@ -204,8 +264,15 @@ class WholeStep(EpochSums):
             self.graph.replay()
             out = self.out
         self.sched.step()  # host side only: keeps param_groups' lr (console, checkpoint) in step
-        self.ema.updates += self.ema.decay > 0
+        if not self.scaler.is_enabled():  # else counted on the device (skipped steps do not count)
+            self.ema.updates += self.ema.decay > 0
         return out
+
+    def sync_host(self):
+        """Bring the host's EMA count up to date with the device's (before a checkpoint): under
+        loss scaling only the device knows which steps were skipped."""
+        if self.scaler.is_enabled():
+            self.ema.updates = int(self.ema_n.item())
 
     @torch.no_grad()
     def after_load(self):
@@ -222,24 +289,26 @@ class WholeStep(EpochSums):
                         bufs[i].copy_(loaded)
                     self.opt.state[p][name] = bufs[i]
         self.step_t.fill_(self.sched.last_epoch)  # LambdaLR counts steps in last_epoch
+        # Adam's updates made: as loaded (fewer than the schedule's steps when some were skipped)
+        adam = [p for u in self.updates if u["adam"] for p in u["params"]]
+        loaded = self.opt.state.get(adam[0], {}).get("step") if adam else None
+        made = 0.0 if loaded is None else float(loaded)
         if not self.opt_steps:
-            self.opt_steps = [torch.zeros((), dtype=torch.float32, device=self.step_t.device)
-                              for u in self.updates if u["adam"] for _ in u["params"]]
-        steps = iter(self.opt_steps)
-        for u in self.updates:
-            for p in u["params"] if u["adam"] else ():
-                self.opt.state[p]["step"] = next(steps)
-        for t in self.opt_steps:
-            t.fill_(self.sched.last_epoch)  # Adam's steps taken: the schedule's, by construction
+            self.opt_steps = [torch.zeros((), dtype=torch.float32, device=self.step_t.device) for _ in adam]
+        for p, t in zip(adam, self.opt_steps):
+            self.opt.state[p]["step"] = t
+            t.fill_(made)
+        self.opt_t.fill_(made)
         self.ema_n.fill_(self.ema.updates)
 
 
-def make_whole_step(model, opt, sched, ema, criterion, rt, lr_factor, peak_lr: float, total_steps: int):
+def make_whole_step(model, opt, sched, ema, criterion, rt, lr_factor, peak_lr: float, total_steps: int,
+                    scaler: torch.amp.GradScaler | None = None):
     """WholeStep over `model` (already compiled as rt.compile_in_graph does, or not), with the lr
     table peak_lr * lr_factor(s) for s = 0 .. total_steps (the last entry holds past the end),
     captured on CUDA."""
     table = [peak_lr * lr_factor(s) for s in range(total_steps + 1)]
-    return WholeStep(model, opt, sched, ema, criterion, rt, table, capture=True)
+    return WholeStep(model, opt, sched, ema, criterion, rt, table, capture=True, scaler=scaler)
 
 
 class TrainStep(EpochSums):
@@ -247,24 +316,32 @@ class TrainStep(EpochSums):
     correct predictions added to the epoch's device-side sums (EpochSums). WholeStep has the same
     interface."""
 
-    def __init__(self, model, opt, sched, ema, criterion, rt):
-        super().__init__(rt.device)
+    def __init__(self, model, opt, sched, ema, criterion, rt, scaler: torch.amp.GradScaler | None = None):
+        super().__init__(rt.device, scaler if scaler is not None else rt.grad_scaler())
         self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
         self.step_begin = rt.step_begin
 
     def after_load(self):
         """WholeStep re-syncs its device copies of the state here; this step holds none."""
 
+    def sync_host(self):
+        """WholeStep brings host counters up to date here; this step keeps them on the host."""
+
     def __call__(self, x, y):
         self.step_begin()
         with self.rt.autocast():
             logits = self.model(x)
             loss = self.criterion(logits, y)
-        loss.backward()
-        self.opt.step()
+        self.scaler.scale(loss).backward()  # the loss times the scale under fp16, else the loss
+        self.scaler.step(self.opt)  # unscales; skips opt.step() on a non-finite gradient (fp16)
+        found = found_inf(self.scaler, self.opt)  # None without loss scaling
+        self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
-        self.ema.update()
+        if found is None or not found.item():  # step() has read the flag already: no extra wait
+            self.ema.update()
+        else:
+            self.skipped += found
         loss, logits = loss.detach(), logits.detach()
         self.count(loss, logits, y)
         return loss, logits
@@ -273,7 +350,8 @@ class TrainStep(EpochSums):
 def build_step(cfg, rt, model, train_model, opt, sched, ema, criterion, steps_per_epoch: int):
     """The training step: with --whole-step, forward, backward, the optimizer and EMA as one CUDA
     graph (WholeStep, over `model` compiled without CUDA graphs of its own); else the usual step
-    over `train_model` (compiled or not, DDP-wrapped under torchrun)."""
+    over `train_model` (compiled or not, DDP-wrapped under torchrun). Either drives its own loss
+    scaler (rt.grad_scaler(): a no-op unless fp16)."""
     if rt.whole_step:
         return make_whole_step(rt.compile_in_graph(model), opt, sched, ema, criterion, rt,
                                lr_factor(cfg, steps_per_epoch), peak_lr(cfg), cfg.epochs * steps_per_epoch)

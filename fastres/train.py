@@ -71,6 +71,7 @@ def train(cfg: Config, resume: bool = False, log=print, on_epoch=None) -> dict:
     t_start = time.perf_counter()
     check_budget(cfg)  # an over-budget model is refused before any folder or data is touched
     dist = Dist.from_env(cfg.device)
+    runtime.check_before_work(cfg, dist.local_rank)  # so is what this torch or device cannot run
     log = log if dist.main else (lambda *a, **k: None)
     with contextlib.ExitStack() as held:
         cfg, out = open_run_dir(cfg, resume, dist, held, log)
@@ -125,7 +126,7 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
                       train_limit=cfg.train_limit or None, test_limit=cfg.test_limit or None,
                       channels_last=rt.channels_last, augment=cfg.augment, num_workers=cfg.loader_workers,
                       distributed=dist.world > 1, rank=dist.rank, world=dist.world,
-                      compile_augment=cfg.compile_augment, placement=rt.data_placement,
+                      compile_augment=rt.compile_augment, placement=rt.data_placement,
                       cutout=cfg.cutout, mixup=cfg.mixup, cutmix=cfg.cutmix, shared=shared_data)
     steps = len(batches)
     if steps == 0:
@@ -170,6 +171,11 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
             if placed != rt.data_placement:
                 diff["data_placement"] = (placed, rt.data_placement if cfg.data_placement != "auto" else
                                           f"auto, resolved to {rt.data_placement}")
+            # so must the precision: fp16's loss scale is part of the state (a checkpoint from before
+            # fp16 existed has no "amp": bf16 or off, and no scaler to load)
+            written_amp = ck.get("amp", "bf16 or off")
+            if written_amp != rt.summary["amp"] and (rt.loss_scaling or "amp" in ck):
+                diff["amp"] = (written_amp, f"{cfg.amp}, resolved to {rt.summary['amp']}")
             if diff:
                 raise ResumeError(f"{ckpt_path} was written with other settings: " +
                                   ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items()))
@@ -179,7 +185,8 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
     start_epoch = ck["epoch"] if ck is not None else 0
 
     # --- warm-up: compile and autotune on random data, then put everything back ----------------
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(), ema.updates))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(), ema.updates,
+                           step.scaling_state()))
     g = torch.Generator(device=rt.device).manual_seed(12345)
     x = torch.randn(rank_batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
     y = torch.randint(0, 10, (rank_batch,), generator=g, device=rt.device)
@@ -220,6 +227,7 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
     model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
     ema.load_state_dict(saved[3])
     ema.updates = saved[4]
+    step.load_scaling_state(saved[5])
     step.after_load()
     del saved
     epochs_left = cfg.epochs - start_epoch
@@ -239,6 +247,7 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"]), ema.load_state_dict(ck["ema"])
         ema.updates = ck.get("ema_updates", 0)
+        step.load_scaling_state(ck.get("loss_scaling", {}))
         step.after_load()
         set_rng_state(ck["rng"])
         history = ck["history"]
@@ -257,6 +266,7 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
                       train_s_total=round(sum(h["train_s"] for h in history), 3),
                       eval_s_total=round(sum(h["eval_s"] for h in history), 3),
                       wall_s_this_process=round(time.perf_counter() - t_start, 3))
+        record["loss_scaling"] = step.scaling_report()  # fp16: steps skipped, final scale; else None
         if rt.device.type == "cuda":  # this process's peak (a packed group's: all its runs together)
             record["device_memory_peak_mb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**20, 1)
         if history:
@@ -349,11 +359,12 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
                 left = (cfg.epochs - epoch - 1) * (train_s + eval_s)
                 log(f"measured {train_s + eval_s:.1f} s per epoch with evaluation: about {duration(left)} left "
                     f"(estimate, ends about {time.strftime('%H:%M', time.localtime(time.time() + left))})")
+            step.sync_host()  # host counters the device kept (the EMA's, under loss scaling)
             if dist.main:
                 ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "ema": ema.state_dict(), "ema_updates": ema.updates, "epoch": epoch + 1,
                       "config": cfg.to_dict(), "data_placement": rt.data_placement, "history": history,
-                      "rng": rng_state()}
+                      "rng": rng_state(), "amp": rt.summary["amp"], "loss_scaling": step.scaling_state()}
                 # Serialized in memory first (a few MB), so that a failed write reports the OS's
                 # reason (disk full, file too large) rather than torch's zip writer's.
                 blob = io.BytesIO()

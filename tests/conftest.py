@@ -144,3 +144,41 @@ def run_cli(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=kw.pop("cwd", REPO), env=e,
                           capture_output=True, text=True, timeout=timeout, **kw)
+
+
+# GPUs users train on, as torch.cuda describes them: (name, capability, memory in GiB).
+GPUS = {
+    "P100": ("Tesla P100-PCIE-16GB", (6, 0), 16),
+    "V100": ("Tesla V100-SXM2-16GB", (7, 0), 16),
+    "T4": ("Tesla T4", (7, 5), 15),
+    "RTX8000": ("Quadro RTX 8000", (7, 5), 48),
+    "A100": ("NVIDIA A100-SXM4-40GB", (8, 0), 40),
+    "RTX3070": ("NVIDIA GeForce RTX 3070", (8, 6), 8),
+    "L4": ("NVIDIA L4", (8, 9), 22),
+    "H100": ("NVIDIA H100 80GB HBM3", (9, 0), 80),
+}
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(name, capability, memory_gib): torch.cuda answers as if that GPU were here, for
+    testing what fastres resolves to (nothing runs on it). is_bf16_supported says True, as torch's
+    does on a T4 (it counts emulation), so a resolution that asks it instead of the capability is
+    caught. cuDNN/TF32 flags that resolve() sets are put back afterwards."""
+    b = torch.backends
+    saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark
+
+    def install(name: str, capability: tuple[int, int], memory_gib: float):
+        from types import SimpleNamespace
+        props = SimpleNamespace(name=name, major=capability[0], minor=capability[1],
+                                total_memory=int(memory_gib * 2**30))
+        for attr, value in {"is_available": lambda: True, "device_count": lambda: 1,
+                            "get_device_name": lambda dev=None: name,
+                            "get_device_capability": lambda dev=None: capability,
+                            "get_device_properties": lambda dev=None: props,
+                            "is_bf16_supported": lambda including_emulation=True: True,
+                            "get_arch_list": lambda: [f"sm_{capability[0]}{capability[1]}"]}.items():
+            monkeypatch.setattr(torch.cuda, attr, value)
+
+    yield install
+    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark = saved

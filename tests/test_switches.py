@@ -25,7 +25,7 @@ def test_cpu_defaults_resolve_to_no_ops():
     assert rt.compile(m) is m
 
 
-def test_auto_switches_resolve_per_device(monkeypatch):
+def test_auto_switches_resolve_per_device(fake_gpu):
     """The auto defaults: on CPU the plain step and FFCV streaming; on one CUDA GPU the whole step
     as one graph over device-resident data with the model compiled in default mode (the measured
     paper run); under torchrun neither (DDP's all-reduce is not captured; resident data is not
@@ -33,17 +33,11 @@ def test_auto_switches_resolve_per_device(monkeypatch):
     only the resolution is checked, nothing runs on it."""
     cpu = resolve(make_config("paper", {"device": "cpu"}))
     assert (cpu.whole_step, cpu.data_placement, cpu.compile_mode) == (False, "stream", None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "a faked GPU")
-    b = torch.backends  # resolve turns TF32 and cuDNN's autotuner on for CUDA: put them back after
-    saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark
-    try:
-        one = resolve(make_config("paper"))
-        off = resolve(make_config("paper", {"whole_step": "off"}))
-        ddp = resolve(make_config("paper"), world=2)
-        streamed = resolve(make_config("paper", {"data_placement": "stream", "compile": "max-autotune"}))
-    finally:
-        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.benchmark = saved
+    fake_gpu("a faked GPU", (9, 0), 80)
+    one = resolve(make_config("paper"))
+    off = resolve(make_config("paper", {"whole_step": "off"}))
+    ddp = resolve(make_config("paper"), world=2)
+    streamed = resolve(make_config("paper", {"data_placement": "stream", "compile": "max-autotune"}))
     assert one.device.type == "cuda" and one.whole_step and one.data_placement == "device"
     assert one.compile_mode == "default" and one.summary["whole_step"] == "one CUDA graph per step"
     assert "whole_step_why" in one.summary and "data_placement_why" in one.summary
