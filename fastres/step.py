@@ -320,6 +320,11 @@ class TrainStep(EpochSums):
         super().__init__(rt.device, scaler if scaler is not None else rt.grad_scaler())
         self.model, self.opt, self.sched, self.ema, self.criterion, self.rt = model, opt, sched, ema, criterion, rt
         self.step_begin = rt.step_begin
+        if self.scaler.is_enabled():
+            # fp16's first steps are often skipped (the scale starts high), so LambdaLR would warn
+            # that it stepped before the optimizer; the schedule counts steps, taken or not. This
+            # is the flag its wrapper of opt.step sets (as WholeStep does).
+            opt._opt_called = True
 
     def after_load(self):
         """WholeStep re-syncs its device copies of the state here; this step holds none."""

@@ -51,7 +51,8 @@ def test_packed_runs_equal_the_same_runs_alone_and_share_resident_data(small_dat
     quiet = lambda *a, **k: None
     # two seeds of one recipe, and a different model at another batch size; data on the device
     # (on a CPU: in memory), so that the group shares it and each run permutes it by its own seed
-    group = [dict(seed=0), dict(seed=1), dict(seed=2, depth=14, widths="8,16,32", batch_size=50, lr=0.05)]
+    # (the second in fp16 with loss scaling, which keeps a scaler of its own)
+    group = [dict(seed=0), dict(seed=1, amp="fp16"), dict(seed=2, depth=14, widths="8,16,32", batch_size=50, lr=0.05)]
     group = [{**g, "data_placement": "device"} for g in group]
     reads = []
     real = D.read_all
@@ -64,6 +65,7 @@ def test_packed_runs_equal_the_same_runs_alone_and_share_resident_data(small_dat
         assert epochs(p) == epochs(a), f"run {i}"
         assert same_weights(tmp_path / f"p{i}", tmp_path / f"a{i}"), f"run {i}"
     assert epochs(packed[0]) != epochs(packed[1])  # the seeds differ: a real comparison
+    assert packed[1]["loss_scaling"] is not None and packed[1]["loss_scaling"] == alone[1]["loss_scaling"]
 
 
 def test_a_diverging_member_ends_alone_and_the_others_finish(small_data, tmp_path):
