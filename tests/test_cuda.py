@@ -9,7 +9,8 @@ GPU; the kernels' own CUDA checks are in test_kernels.py, which runs on the GPU 
 - torch.compile's default and reduce-overhead (CUDA graphs) training steps follow the eager step
   over several SGD steps (weights and losses), including an evaluation between steps;
 - design-space models (kernels 5 and 7, four stages, pools) on CUDA against the CPU; cutout,
-  mixup and cutmix on the device against the CPU; the whole step captured with Adam and AdamW;
+  mixup and cutmix on the device against the CPU; the whole step captured with Adam and AdamW,
+  and in fp16 with loss scaling (overflows forced);
 - a whole tiny run on CUDA with the default switches and with CUDA graphs; its checkpoint evaluates
   to the accuracy the run recorded, and the run resumes from it (a checkpoint read onto the GPU
   once made resuming fail: torch restores RNG states from CPU tensors only);
@@ -237,6 +238,64 @@ def test_whole_step_graph_replays_the_uncaptured_step(exact_convs, optimizer, so
         torch.testing.assert_close(s1[k], s0[k], rtol=1e-4, atol=1e-5, msg=k)
     for k in e0:
         torch.testing.assert_close(e1[k], e0[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fp16_whole_step_graph_replays_the_uncaptured_step(exact_convs, optimizer):
+    """--amp fp16 inside the whole step: the captured graph (GradScaler's scale and found-inf flag
+    on the device, a skipped step undone by selection) against the same arithmetic op by op
+    (test_loss_scaling.py checks that against torch.optim + GradScaler on the CPU). A large initial
+    scale forces overflows: the same steps are skipped and the scales agree exactly."""
+    from fastres import runtime
+    from fastres.config import make_config
+    from fastres.design import build_model
+    from fastres.optim import EMA, lr_factor, make_criterion, make_optimizer, peak_lr
+    from fastres.step import WholeStep
+
+    results = []
+    for capture in (False, True):
+        torch._dynamo.reset()
+        over = {"nesterov": False, "lr": 0.002, "weight_decay": 0.05} if optimizer != "sgd" else {}
+        cfg = make_config("tuned", {"device": "cuda", "depth": 20, "amp": "fp16", "batch_size": 32, "epochs": 2,
+                                    "whole_step": True, "optimizer": optimizer, **over})
+        rt = runtime.resolve(cfg)
+        b = torch.backends
+        b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
+        torch.manual_seed(0)
+        model = build_model(cfg, rt)
+        opt = make_optimizer(model, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, 5))
+        ema = EMA(model, cfg.ema)
+        f = lr_factor(cfg, 5)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 24, growth_interval=2)
+        step = WholeStep(model, opt, sched, ema, make_criterion(cfg), rt, [peak_lr(cfg) * f(s) for s in range(11)],
+                         capture=capture, scaler=scaler)
+        g = torch.Generator(device=CUDA).manual_seed(0)
+        saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(),
+                               step.scaling_state()))
+        step(torch.randn(32, 3, 32, 32, device=CUDA).to(memory_format=rt.memory_format),
+             torch.zeros(32, dtype=torch.int64, device=CUDA))  # captures; then the state is put back
+        model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
+        ema.load_state_dict(saved[3])
+        ema.updates = 0
+        step.load_scaling_state(saved[4])
+        step.after_load()
+        losses, scales = [], []
+        for _ in range(8):
+            x = torch.randn(32, 3, 32, 32, device=CUDA, generator=g).to(memory_format=rt.memory_format)
+            y = torch.randint(0, 10, (32,), device=CUDA, generator=g)
+            loss, _ = step(x, y)
+            losses.append(loss.item())
+            scales.append(scaler.get_scale())
+        step.sync_host()
+        results.append((losses, scales, step.scaling_report(), ema.updates,
+                        {k: v.clone() for k, v in model.state_dict().items()}, step.graph is not None))
+    (l0, sc0, r0, n0, s0, captured0), (l1, sc1, r1, n1, s1, captured1) = results
+    assert not captured0 and captured1
+    assert r0["skipped_steps"] >= 1 and sc1 == sc0 and r1 == r0 and n1 == n0 == 8 - r0["skipped_steps"]
+    np.testing.assert_allclose(l1, l0, rtol=1e-3)
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
 @pytest.mark.parametrize("settings", [
