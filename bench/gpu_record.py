@@ -1,7 +1,8 @@
 """The full GPU measurement:  python -m bench.gpu_record [PHASE]
 
 Phases (default `all` = train, bench, write, in one go):
-  train   the preset's full run (default `paper`, 50 epochs) in runs/gpu-record/train-<preset>/;
+  train   the preset's full run (default `paper`, 50 epochs) in runs/gpu-record/train-<preset>/
+          (train-<name> with --name, for a variant: --name paper-fp16 --amp fp16);
           run it again after an interruption and it resumes from the last finished epoch (so a
           machine whose jobs have a time limit can train in several jobs). --seeds S1 S2 ...: one
           run per seed in train-<preset>/seed<S>, --pack K of them at a time (fastres.packed);
@@ -161,7 +162,7 @@ def phase_train(a, rest, work: Path) -> None:
     from fastres.packed import train_packed
     from fastres.train import train
 
-    run = work / f"train-{a.preset}"
+    run = work / f"train-{a.name}"
     over = {**parse_overrides(rest), "data": a.data, "out": str(run)}
     if a.epochs:
         over["epochs"] = a.epochs
@@ -268,11 +269,13 @@ def _train_block(rec: dict, preset: str) -> dict:
             "images_per_s": [e["images_per_s"] for e in rec["epochs"]],
             "test_acc_per_epoch": [e["test_acc"] for e in rec["epochs"]],
             "final_test_acc": rec["final_test_acc"], "best_test_acc": rec["best_test_acc"],
-            "train_s_total": rec["train_s_total"], "eval_s_total": rec["eval_s_total"], "seed": rec["config"]["seed"]}
+            "train_s_total": rec["train_s_total"], "eval_s_total": rec["eval_s_total"], "seed": rec["config"]["seed"],
+            "train_loss_per_epoch": [e["train_loss"] for e in rec["epochs"]],
+            "loss_scaling": rec.get("loss_scaling")}  # fp16: steps skipped, final scale
 
 
 def phase_write(a, work: Path, gpu: str) -> Path:
-    run = work / f"train-{a.preset}"
+    run = work / f"train-{a.name}"
     bench = read_bench(work)
     date = datetime.date.today().isoformat()
     if a.bench_only:
@@ -309,7 +312,7 @@ def phase_write(a, work: Path, gpu: str) -> Path:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     # one file per GPU, day and kind of record: the benchmarks alone, or a preset's run (its seeds)
-    kind = "bench" if a.bench_only else a.preset + (f"-{len(train['seeds'])}seeds" if train.get("seeds") else "")
+    kind = "bench" if a.bench_only else a.name + (f"-{len(train['seeds'])}seeds" if train.get("seeds") else "")
     stem = f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}-{kind}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     if rec is None:
@@ -341,6 +344,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", nargs="?", default="all", choices=["all", "train", "bench", "write", "table"])
     p.add_argument("--preset", default="paper")
+    p.add_argument("--name", default=None, help="the run's folder (train-NAME) and the record's file name in place "
+                                                "of the preset's, for a variant of it (paper-fp16 with --amp fp16)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (for a quick check)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
                    help="train: one run per seed (train-<preset>/seed<S>); write: records each, their mean and std")
@@ -362,6 +367,7 @@ def main(argv=None) -> int:
     p.add_argument("--minimal-bench", action="store_true", help="tiny benchmark rounds (only to test this script)")
     p.epilog = "Other --key value settings override the preset's in the train phase, as for `fastres train`."
     a, rest = p.parse_known_args(argv)
+    a.name = a.name or a.preset
     if a.phase == "table":
         print(table([json.loads(f.read_text()) for f in sorted(Path(a.out).glob("*.json"))]))  # records only
         return 0

@@ -304,3 +304,22 @@ def test_gpu_record_bench_stopped_by_sigterm_leaves_no_process_behind(small_data
         for p in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
             p.kill()
         proc.kill()
+
+
+def test_gpu_record_names_a_variant_of_a_preset(small_data, tmp_path):
+    """--name: a variant of a preset (fp16 where the card would pick bf16) trains in a folder and
+    writes a record of its own, beside the preset's, with the loss scaling it ran under."""
+    from bench.gpu_record import main
+
+    work, out = tmp_path / "work", tmp_path / "results"
+    common = ["--allow-cpu", "--work", str(work), "--out", str(out), "--preset", "smoke", "--data", str(small_data)]
+    tiny = ["--depth", "8", "--epochs", "1", "--train-limit", "300", "--test-limit", "100", "--batch-size", "100"]
+    assert main(["train", *common, "--name", "smoke-fp16", *tiny, "--amp", "fp16"]) == 0
+    assert main(["write", *common, "--name", "smoke-fp16"]) == 0
+    (rec_path,) = out.glob("*.json")
+    assert rec_path.name.endswith("-cpu-smoke-fp16.json") and (work / "train-smoke-fp16" / "last.pt").is_file()
+    train = json.loads(rec_path.read_text())["train"]
+    run = json.loads((work / "train-smoke-fp16" / "record.json").read_text())
+    assert train["preset"] == "smoke" and train["switches"]["amp"] == "fp16 (loss scaling)"
+    assert train["loss_scaling"] == run["loss_scaling"] and train["loss_scaling"]["final_scale"] > 0
+    assert train["train_loss_per_epoch"] == [e["train_loss"] for e in run["epochs"]]

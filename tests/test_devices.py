@@ -2,6 +2,7 @@
 would, nothing runs on it), and on CPUs with and without bf16 units; what it refuses there, before
 any folder is made; and a torch that cannot use the machine's GPU, reported instead of training
 on the CPU."""
+import json
 import os
 import stat
 
@@ -130,3 +131,18 @@ def test_driver_torch_cannot_use_is_one_line_not_hours_on_the_cpu(tmp_path, smal
     assert not (tmp_path / "run").exists()
     r = run_cli("fastres", "env", env=env, timeout=300)
     assert r.returncode == 0 and "driver 535.104.05" in r.stdout and "scripts/install.sh" in r.stdout, r.stderr
+
+
+def test_env_says_what_a_run_would_use_on_this_gpu(fake_gpu, monkeypatch, capsys):
+    """`fastres env` on a faked T4: the card, its capability and memory, and the run's resolution
+    with reasons (the same summary a run's record keeps); a refused setting is said, not raised."""
+    fake_gpu(*GPUS["T4"])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
+    assert main(["env", "--preset", "tuned"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU 0: Tesla T4, capability 7.5, 15.0 GiB" in out and "'fastres train --preset tuned'" in out
+    assert "fp16 (loss scaling)" in out and "no native bf16" in out and "PROBLEM" not in out
+    assert main(["env", "--json", "--amp", "bf16"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert "--amp fp16" in r["refused"] and "switches" not in r
+    assert r["machine"]["cuda_devices"] == [{"name": "Tesla T4", "capability": "7.5", "memory_gib": 15.0}]
