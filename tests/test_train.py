@@ -80,14 +80,16 @@ def _diverging_run(small_data, tmp_path, monkeypatch, epoch2_lr=None, corrupt_bn
         def build_step(cfg, rt, model, *a):
             step, steps_per_epoch = real_step(cfg, rt, model, *a), a[-1]
 
-            def corrupting(x, y):
-                out = step(x, y)
-                if step.sched.last_epoch == steps_per_epoch:  # the last step of epoch 1 was taken
-                    model.layer1[0].bn1.running_var[0] = float("inf")
-                return out
-            corrupting.reset, corrupting.after_load = step.reset, step.after_load
-            corrupting.loss_sum, corrupting.correct = step.loss_sum, step.correct
-            return corrupting
+            class Corrupting:  # the real step, and everything it offers the loop
+                def __getattr__(self, name):
+                    return getattr(step, name)
+
+                def __call__(self, x, y):
+                    out = step(x, y)
+                    if step.sched.last_epoch == steps_per_epoch:  # the last step of epoch 1 was taken
+                        model.layer1[0].bn1.running_var[0] = float("inf")
+                    return out
+            return Corrupting()
         monkeypatch.setattr(T, "build_step", build_step)
     out = tmp_path / "run"
     cfg = make_config("smoke", {"data": str(small_data), "out": str(out), "depth": 8, "train_limit": 1000,
