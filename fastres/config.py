@@ -24,8 +24,9 @@ class ConfigError(BadInput):
 class Config:
     preset: str = "paper"
     # --- model (the paper's names: N stages, B_i blocks, C_i channels, F_i, K_i, P) -----------
-    depth: int = 68                       # weighted layers, 2 * sum(blocks) + 2; given alone it is the
-                                          # shorthand for three equal stages, 6n+2 (68 = 11,11,11)
+    depth: int = 68                       # weighted layers, 2 * sum(blocks) + 2 (3 * for bottlenecks);
+                                          # given alone it is the shorthand for three equal stages,
+                                          # 6n+2 (68 = 11,11,11), 9n+2 for bottlenecks
     blocks: tuple[int, ...] = (11, 11, 11)  # B_i: basic blocks per stage; N = its length, 1 to 5
                                           # stages (each after the first halves the feature map)
     widths: tuple[int, ...] = (16, 32, 64)  # C_i: channels per stage, one per stage
@@ -36,6 +37,16 @@ class Config:
                                           # where a block changes shape, one for all or one per stage
     pool: int = 0                         # P: average-pool window (px, stride P) before the linear
                                           # layer; 0 = global average pool
+    block: str = "basic"                  # basic | preact (He et al. 2016: BN-ReLU-conv twice, conv
+                                          # shortcut without BN, BN-ReLU before the pool, stem a conv
+                                          # alone) | bottleneck (1x1, FxF, 1x1; output 4x the width)
+    se: int = 0                           # squeeze-and-excitation reduction R in every block (before
+                                          # the addition; squeezed width = width // R); 0 = off
+    stem_se: int = 0                      # the same after the stem; 0 = off
+    se_bias: bool = True                  # SE's two layers with bias
+    dropout: float = 0.0                  # probability: dropout before the classifier; 0 = off
+    block_dropout: float = 0.0            # probability: dropout in each block after its first
+                                          # activation (between the convolutions); 0 = off
     max_params: int = 0                   # trainable parameters allowed (5M, 1.05e6 and 1050202 are
                                           # read); a larger model is refused before any work; 0 = any
     # --- data ------------------------------------------------------------------------------
@@ -139,7 +150,10 @@ CHOICES = {
     "data_placement": ("auto", "stream", "device"),
     "whole_step": ("auto", "on", "off"),
     "optimizer": ("sgd", "adam", "adamw"),
+    "block": ("basic", "preact", "bottleneck"),
 }
+CONVS_PER_BLOCK = {"basic": 2, "preact": 2, "bottleneck": 3}
+EXPANSION = {"basic": 1, "preact": 1, "bottleneck": 4}  # a block's output channels per unit of width
 IMAGE_SIZE = 32   # px: CIFAR-10's images, the input every model here is built for
 MAX_STAGES = 5    # the 32 px input halved four times leaves a 2x2 map for the fifth stage
 
@@ -203,17 +217,21 @@ def parse_value_item(typ: type, v):
     return typ(str(v).strip()) if isinstance(v, str) else typ(v)
 
 
-def equal_blocks(depth: int) -> tuple[int, int, int]:
-    """--depth alone: three equal stages of (depth - 2) / 6 blocks (68 -> 11, 11, 11)."""
-    if depth < 8 or (depth - 2) % 6:
-        raise ConfigError(f"--depth: must be 6n+2 with n >= 1 (8, 14, 20, 56, 68, 110, ...) when given alone "
-                          f"(three equal stages); got {depth} (--blocks gives other shapes)")
-    return ((depth - 2) // 6,) * 3
+def equal_blocks(depth: int, block: str = "basic") -> tuple[int, int, int]:
+    """--depth alone: three equal stages of (depth - 2) / 6 blocks (68 -> 11, 11, 11); (depth - 2) / 9
+    bottlenecks (164 -> 18, 18, 18)."""
+    per = 3 * CONVS_PER_BLOCK[block]
+    if depth < per + 2 or (depth - 2) % per:
+        examples = "8, 14, 20, 56, 68, 110" if per == 6 else "11, 20, 29, 56, 110, 164"
+        raise ConfigError(f"--depth: must be {per}n+2 with n >= 1 ({examples}, ...) for {block} blocks when given "
+                          f"alone (three equal stages); got {depth} (--blocks gives other shapes)")
+    return ((depth - 2) // per,) * 3
 
 
-def depth_of(blocks) -> int:
-    """Weighted layers of a ResNet with these blocks per stage: the stem, two per block, the linear layer."""
-    return 2 * sum(blocks) + 2
+def depth_of(blocks, block: str = "basic") -> int:
+    """Weighted layers of a ResNet with these blocks per stage: the stem, two convolutions per block
+    (three per bottleneck), the linear layer."""
+    return CONVS_PER_BLOCK[block] * sum(blocks) + 2
 
 
 def feature_map(n_stages: int) -> int:
@@ -240,9 +258,11 @@ def validate(cfg: Config) -> Config:
                       f"({cfg.widths}; blocks {cfg.blocks})")
     if min(cfg.widths) <= 0:
         bad("widths", f"must be positive; got {cfg.widths}")
-    if cfg.depth != depth_of(cfg.blocks):
+    per = CONVS_PER_BLOCK[cfg.block]
+    if cfg.depth != depth_of(cfg.blocks, cfg.block):
         bad("depth", f"{cfg.depth} disagrees with --blocks {','.join(map(str, cfg.blocks))}, which make "
-                     f"{depth_of(cfg.blocks)} layers (2 per block + 2); give one of the two")
+                     f"{depth_of(cfg.blocks, cfg.block)} layers ({per} per {cfg.block} block + 2); give one of the two")
+    validate_parts(cfg, bad)
     for key in ("kernel", "shortcut_kernel"):
         ks = getattr(cfg, key)
         if len(ks) not in (1, n):
@@ -286,6 +306,21 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def validate_parts(cfg: Config, bad) -> None:
+    """SE and dropout: a reduction must leave every width it applies to at least one channel."""
+    outs = [w * EXPANSION[cfg.block] for w in cfg.widths]
+    for key, applies_to in (("se", outs), ("stem_se", cfg.widths[:1])):
+        r = getattr(cfg, key)
+        if r < 0:
+            bad(key, f"a reduction ratio >= 1 (0 = off); got {r}")
+        if r > min(applies_to):
+            bad(key, f"reduction {r} would squeeze {min(applies_to)} channels to none (width // R); at most "
+                     f"{min(applies_to)} here")
+    for key in ("dropout", "block_dropout"):
+        if not 0 <= getattr(cfg, key) < 1:
+            bad(key, f"a probability in [0, 1); got {getattr(cfg, key)}")
+
+
 def make_config(preset: str = "paper", overrides: dict | None = None) -> Config:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -296,19 +331,25 @@ def make_config(preset: str = "paper", overrides: dict | None = None) -> Config:
         if key not in _TYPES or key == "preset":
             raise unknown_setting(key)
         given[key] = parse_value(key, raw)
-    for layer in (PRESETS[preset], given):  # the overrides' model shape replaces the preset's
+    block = given.get("block", PRESETS[preset].get("block", "basic"))
+    if block not in CHOICES["block"]:
+        raise ConfigError(f"--block: must be one of {', '.join(CHOICES['block'])}; got {block!r}")
+    # the overrides' model shape replaces the preset's; a preset's depth means basic blocks' stages
+    for layer, kind in ((PRESETS[preset], "basic"), (given, block)):
         values.update(layer)
-        values.update(_shape(layer))
+        values.update(_shape(layer, kind))
+    if not {"depth", "blocks"} & given.keys():  # the preset's stages, counted in this block's layers
+        values["depth"] = depth_of(values.get("blocks", Config.blocks), block)
     return validate(Config(**values))
 
 
-def _shape(layer: dict) -> dict:
+def _shape(layer: dict, block: str = "basic") -> dict:
     """depth and blocks as one layer of settings (a preset, the overrides) gives them: depth alone
     means three equal stages, blocks alone fix the depth, both must agree (checked by validate)."""
     if "blocks" in layer and "depth" not in layer:
-        return {"depth": depth_of(layer["blocks"])}
+        return {"depth": depth_of(layer["blocks"], block)}
     if "depth" in layer and "blocks" not in layer:
-        return {"blocks": equal_blocks(layer["depth"])}
+        return {"blocks": equal_blocks(layer["depth"], block)}
     return {}
 
 
@@ -365,7 +406,7 @@ def from_dict(d: dict) -> Config:
     for k in d:
         if typing.get_origin(_TYPES[k]) is tuple:
             d[k] = tuple(d[k])
-    d.update(_shape(d))  # written before --blocks existed: depth alone, three equal stages
+    d.update(_shape(d, d.get("block", "basic")))  # written before --blocks existed: depth alone, three equal stages
     return validate(Config(**d))
 
 

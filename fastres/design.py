@@ -21,7 +21,9 @@ class OverBudget(BadInput):
 
 
 def model_from_config(cfg: Config, norm=TorchNorm) -> ResNet:
-    return ResNet(cfg.blocks, cfg.widths, cfg.kernel, cfg.stem_kernel, cfg.shortcut_kernel, cfg.pool, norm=norm)
+    return ResNet(cfg.blocks, cfg.widths, cfg.kernel, cfg.stem_kernel, cfg.shortcut_kernel, cfg.pool, norm=norm,
+                  block=cfg.block, se=cfg.se, stem_se=cfg.stem_se, se_bias=cfg.se_bias, dropout=cfg.dropout,
+                  block_dropout=cfg.block_dropout)
 
 
 def build_model(cfg: Config, rt) -> ResNet:
@@ -39,7 +41,13 @@ def describe_model(cfg: Config) -> str:
         parts.append(f"shortcut kernel {j(cfg.shortcut_kernel)}")
     if cfg.pool:
         parts.append(f"pool {cfg.pool}")
-    return f"resnet{cfg.depth} ({'; '.join(parts)})"
+    if cfg.se or cfg.stem_se:
+        parts.append(f"SE {cfg.se}" + (f", stem SE {cfg.stem_se}" if cfg.stem_se else "") +
+                     ("" if cfg.se_bias else " without bias"))
+    if cfg.dropout or cfg.block_dropout:
+        parts.append(f"dropout {cfg.dropout:g}, in blocks {cfg.block_dropout:g}")
+    name = {"basic": "resnet", "preact": "preact-resnet", "bottleneck": "bottleneck-resnet"}[cfg.block]
+    return f"{name}{cfg.depth} ({'; '.join(parts)})"
 
 
 def check_budget(cfg: Config) -> int:

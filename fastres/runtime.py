@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import IMAGE_SIZE, Config, ConfigError
+from .config import EXPANSION, IMAGE_SIZE, Config, ConfigError
 from .errors import BadInput
 from .machine import torch_cuda_problem
 from .model import SyncNorm, TorchNorm
@@ -123,9 +123,9 @@ def thin_strided_projection(cfg: Config) -> int | None:
     CPU without AVX-512 (AVX2 only), PyTorch's oneDNN backward of such a convolution in
     channels_last corrupts the heap (torch 2.14.1: a crash, or a hang, on the first backward);
     NCHW, or AVX-512, or 8+ input channels, or a 3x3 shortcut are fine."""
-    n = len(cfg.blocks)
+    n, exp = len(cfg.blocks), EXPANSION[cfg.block]  # a stage's input: the previous stage's output
     shortcut = cfg.shortcut_kernel * n if len(cfg.shortcut_kernel) == 1 else cfg.shortcut_kernel
-    thin = [cfg.widths[i - 1] for i in range(1, n) if shortcut[i] == 1 and cfg.widths[i - 1] < 8]
+    thin = [cfg.widths[i - 1] * exp for i in range(1, n) if shortcut[i] == 1 and cfg.widths[i - 1] * exp < 8]
     return min(thin) if thin else None
 
 
