@@ -1,4 +1,4 @@
-"""fastres command line: train, eval, summary, sweep, leaderboard, compare, env. `fastres COMMAND --help` explains each."""
+"""fastres command line: train, eval, predict, summary, sweep, leaderboard, compare, env. `fastres COMMAND --help` explains each."""
 from __future__ import annotations
 
 import argparse
@@ -58,11 +58,48 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pack", type=int, default=1, metavar="K",
                    help="with --seeds: train K runs at once in this process, advanced in turn (one CUDA "
                         "stream each on a GPU); default 1: one after another")
-    e = sub.add_parser("eval", allow_abbrev=False, help="test accuracy of a checkpoint")
-    e.add_argument("checkpoint", help="a last.pt written by 'fastres train'")
-    e.add_argument("--data", default=None, help="folder with the .beton files (default: the run's)")
-    e.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
+    e = sub.add_parser("eval", allow_abbrev=False, help="test accuracy of checkpoints, alone and as an ensemble",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Test loss and accuracy of each checkpoint and, for several, of their ensemble "
+                                   "(the mean of their softmax); with --tta also with flip TTA. Writes per-class "
+                                   "accuracy and the confusion matrix (confusion.csv, confusion.png) and the most "
+                                   "confidently misclassified test images (mistakes.png) of the last result into "
+                                   "--out.",
+                       epilog="examples:\n"
+                              "  fastres eval runs/latest/last.pt\n"
+                              "  fastres eval runs/sweep-x/trials/*/seed*/last.pt --tta --out ensemble/")
+    e.add_argument("checkpoint", nargs="+", help="last.pt files written by 'fastres train'")
+    e.add_argument("--data", default=None, help="folder with the .beton files (default: the first run's)")
+    e.add_argument("--tta", action="store_true", help="also average the logits of each image and its mirror")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--out", default=None, help="where the per-class results go (default: RUN_DIR/eval for one "
+                                               "checkpoint, ./eval-ensemble for several)")
+    pr = sub.add_parser("predict", allow_abbrev=False, help="label images without labels (a hidden test set) as a CSV",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Labels for images with one checkpoint or an ensemble of several (the mean of "
+                                    "their softmax), optionally with flip TTA, batched on the device in the runs' "
+                                    "precision. --images: a pickle in the course format (a dict with 'data', N x "
+                                    "3072 channel-major or N x 32 x 32 x 3 uint8, and 'ids'; str or bytes keys), an "
+                                    ".npz ('images', optional 'ids'), a folder of 32x32 RGB PNG/JPEG files (ids: "
+                                    "their names), or a converted .beton. Writes the CSV (and --probs) only once "
+                                    "everything has been predicted.",
+                        epilog="examples:\n"
+                               "  fastres predict runs/latest/last.pt --images cifar_test_nolabel.pkl --out submission.csv\n"
+                               "  fastres predict a/last.pt b/last.pt c/last.pt --images test.pkl --out sub.csv --tta \\\n"
+                               "      --probs probs.npy\n\n"
+                               "exit status: 0, or 2 for bad images or ids, unreadable input or checkpoints, or "
+                               "checkpoints of different class counts (no CSV is left)")
+    pr.add_argument("checkpoint", nargs="+", help="last.pt files written by 'fastres train'")
+    pr.add_argument("--images", required=True, metavar="PATH", help="the images to label (see above)")
+    pr.add_argument("--out", required=True, metavar="CSV", help="the labels: a header, then ID,LABEL per image")
+    pr.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
+    pr.add_argument("--probs", default=None, metavar="FILE", help="also the probabilities: .npy (N x classes) or "
+                                                                  ".csv (ID and a column per class)")
+    pr.add_argument("--names", action="store_true", help="class names (airplane, ...) instead of indices 0-9")
+    pr.add_argument("--header", default="ID,Labels", help="the CSV's two column names (default: ID,Labels)")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pr.add_argument("--data", default=None, help="the runs' .beton folder, for checkpoints that do not keep their "
+                                                 "normalization (written by earlier versions)")
     m = sub.add_parser("summary", allow_abbrev=False, help="the model's layer table, parameters, multiply-adds and sizes (no data needed)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="The model a preset and settings describe, as torchinfo's layer table (layer, "
@@ -190,8 +227,14 @@ def main(argv=None) -> int:
         elif args.command == "eval":
             if rest:
                 raise ConfigError(f"unexpected arguments {' '.join(rest)}")
-            from .evaluate import evaluate_checkpoint
-            evaluate_checkpoint(args.checkpoint, args.data, args.tta, args.device)
+            from .evaluate import evaluate_checkpoints
+            evaluate_checkpoints(args.checkpoint, args.data, args.tta, args.device, args.out)
+        elif args.command == "predict":
+            if rest:
+                raise ConfigError(f"unexpected arguments {' '.join(rest)}")
+            from .predict import predict
+            predict(args.checkpoint, args.images, args.out, args.tta, args.probs, args.names, args.header,
+                    args.device, args.data)
         elif args.command == "compare":
             if rest:
                 raise ConfigError(f"unexpected arguments {' '.join(rest)}")

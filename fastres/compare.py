@@ -1,7 +1,7 @@
 """`fastres compare RUN_DIR...`: runs side by side, speed next to accuracy.
 
 Prints one table (preset, the switches that change speed, device, mean epoch seconds, total
-training seconds, final and best test accuracy) and draws test accuracy against cumulative
+training seconds, final and best test accuracy), then each run's test accuracy per class, and draws test accuracy against cumulative
 training seconds, one line per run, into a PNG: what a switch bought and what it cost.
 """
 from __future__ import annotations
@@ -69,10 +69,28 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def per_class_table(records: list[dict]) -> str | None:
+    """Each finished run's test accuracy per class (record.json's per_class_acc), a row per run;
+    None when no run has it (runs of earlier versions, unfinished runs)."""
+    have = [r for r in records if r.get("per_class_acc")]
+    if not have:
+        return None
+    names = list(have[0]["per_class_acc"])
+    width = max(len(r["_path"]) for r in have)
+    lines = ["per-class test accuracy:", "run".ljust(width) + "".join(f"  {n[:10]:>10}" for n in names)]
+    for r in have:
+        lines.append(r["_path"].ljust(width) + "".join(f"  {r['per_class_acc'].get(n, float('nan')):>10.1%}"
+                                                       for n in names))
+    return "\n".join(lines)
+
+
 def compare(run_dirs: list[str], png: str = "compare.png", log=print) -> list[dict]:
     records = [read_record(d) for d in run_dirs]
     rows = [row(r) for r in records]
     log(table(rows))
+    classes = per_class_table(records)
+    if classes:
+        log(classes)
     plot(records, Path(png))
     log(f"plot: {png}")
     return rows

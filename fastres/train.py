@@ -37,6 +37,7 @@ from .evaluate import evaluate
 from .optim import EMA, lr_factor, make_criterion, make_optimizer
 from .progress import Progress, duration
 from .record import CHECKPOINT, CURVES, METRICS_CSV, RECORD, TensorBoard, environment, plot_curves, write_metrics_csv
+from .results import test_set_results
 from .rundir import StopRequest, atomic_write, load_checkpoint, open_run_dir, rng_state, set_rng_state
 from .step import build_step
 
@@ -364,7 +365,8 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
                 ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "ema": ema.state_dict(), "ema_updates": ema.updates, "epoch": epoch + 1,
                       "config": cfg.to_dict(), "data_placement": rt.data_placement, "history": history,
-                      "rng": rng_state(), "amp": rt.summary["amp"], "loss_scaling": step.scaling_state()}
+                      "rng": rng_state(), "amp": rt.summary["amp"], "loss_scaling": step.scaling_state(),
+                      "normalization": {k: batches.manifest[k] for k in ("mean", "std")}}  # for predict
                 # Serialized in memory first (a few MB), so that a failed write reports the OS's
                 # reason (disk full, file too large) rather than torch's zip writer's.
                 blob = io.BytesIO()
@@ -390,8 +392,13 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
         raise
 
     tb.close()
-    if dist.main:
+    if dist.main:  # per-class accuracy, confusion matrix and mistakes of the model the run evaluated
+        per_class = test_set_results(out, [eval_model], cfg.data, cfg.test_limit, batches.mean, batches.std, rt,
+                                     cfg.tta, describe_model(cfg), cfg.eval_batch_size)["per_class_acc"]
+        record["per_class_acc"] = per_class
         save_record("finished")
+        log("per class: " + ", ".join(f"{n} {a:.1%}" for n, a in per_class.items()) +
+            f" (confusion matrix and mistakes: {out / 'confusion.png'}, {out / 'mistakes.png'})")
         log(f"final test accuracy {history[-1]['test_acc']:.2%}; training {record['train_s_total']:.1f} s, "
             f"evaluation {record['eval_s_total']:.1f} s, warm-up {warmup_s:.1f} s; record: {out / RECORD}")
     dist.close()

@@ -236,7 +236,7 @@ NEW_SETTINGS = ("blocks", "kernel", "stem_kernel", "shortcut_kernel", "pool", "m
 
 
 def test_a_checkpoint_of_an_earlier_version_resumes_and_evaluates(small_data, tmp_path):
-    from fastres.evaluate import evaluate_checkpoint
+    from fastres.evaluate import evaluate_checkpoints
     from fastres.train import train
 
     settings = {"data": str(small_data), "out": str(tmp_path / "r"), "depth": 8, "epochs": 2, "train_limit": 500,
@@ -250,5 +250,5 @@ def test_a_checkpoint_of_an_earlier_version_resumes_and_evaluates(small_data, tm
     torch.save(ck, ck_path)
     rec = train(make_config("paper", settings), resume=True, log=quiet)
     assert rec["resumed_at_epoch"] == 1 and len(rec["epochs"]) == 2 and rec["status"] == "finished"
-    ev = evaluate_checkpoint(ck_path, log=quiet)
+    ev = evaluate_checkpoints([ck_path], log=quiet)
     assert ev["epoch"] == 2 and ev["test_acc"] == pytest.approx(rec["final_test_acc"], abs=0.02)
