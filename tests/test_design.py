@@ -232,7 +232,8 @@ def test_record_carries_parameters_and_macs(small_data, tmp_path):
 # fastres has none of them in its config (its model is the depth/widths ResNet, whose state_dict
 # test_the_papers_model_is_unchanged pins down).
 NEW_SETTINGS = ("blocks", "kernel", "stem_kernel", "shortcut_kernel", "pool", "max_params", "cutout", "mixup",
-                "cutmix", "optimizer", "betas", "eps")
+                "cutmix", "optimizer", "betas", "eps", "block", "se", "stem_se", "se_bias", "dropout", "block_dropout")
+NEW_CHECKPOINT_KEYS = ("amp", "loss_scaling", "normalization")  # what a checkpoint holds since fp16 and predict
 
 
 def test_a_checkpoint_of_an_earlier_version_resumes_and_evaluates(small_data, tmp_path):
@@ -246,8 +247,14 @@ def test_a_checkpoint_of_an_earlier_version_resumes_and_evaluates(small_data, tm
     ck_path = tmp_path / "r" / "last.pt"
     ck = torch.load(ck_path, weights_only=False)
     ck["config"] = {k: v for k, v in ck["config"].items() if k not in NEW_SETTINGS}
+    ck = {k: v for k, v in ck.items() if k not in NEW_CHECKPOINT_KEYS}
     ck["config"]["epochs"] = 2
     torch.save(ck, ck_path)
+    # it predicts, normalizing with its data folder's manifest (it does not keep its normalization)
+    from data_prep import TEST_FILE
+    from fastres.predict import predict
+    got = predict([ck_path], small_data / TEST_FILE, tmp_path / "old.csv", log=quiet)
+    assert len((tmp_path / "old.csv").read_text().splitlines()) == 1 + len(got["labels"]) == 501
     rec = train(make_config("paper", settings), resume=True, log=quiet)
     assert rec["resumed_at_epoch"] == 1 and len(rec["epochs"]) == 2 and rec["status"] == "finished"
     ev = evaluate_checkpoints([ck_path], log=quiet)
