@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from fastres.errors import BadInput, OutputError, cli_main, describe_os_error
+from fastres.rundir import remove_stale_temporaries
 from . import convert as cv
 from .sources import load
 
@@ -62,6 +63,8 @@ def prepare(source: str | None, out: str, download_dir: str | None = None, limit
     except ValueError as e:
         raise BadInput(str(e)) from None
     digest = cv.content_hash(train, test)
+    # what a conversion killed mid-write left (its pid gone): removed whether or not this one writes
+    remove_stale_temporaries(out_path, log, "fastres-prep")
     if not force and cv.is_up_to_date(out, digest):
         log(f"fastres-prep: {out} is up to date ({len(train.labels)} train, {len(test.labels)} test images); "
             "nothing to do (--force rebuilds)")

@@ -8,7 +8,8 @@ Layout of --out:
 Files are written under temporary names and renamed only when complete, so an interrupted or
 failed conversion leaves the previous state (or nothing) behind, never a half-written file. The
 writer processes die with the conversion, and temporary files that a killed conversion left are
-removed by the next one.
+removed by the next fastres-prep into that folder (data_prep.cli.prepare), whether it converts or
+finds the folder up to date.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import numpy as np
 
 from fastres.errors import BadInput
 from fastres.progress import Progress
-from fastres.rundir import remove_stale_temporaries
 from .ffcv_import import import_ffcv
 from .sources import NUM_CLASSES, Split, balanced_indices
 
@@ -269,7 +269,6 @@ def convert(train: Split, test: Split, out: str | os.PathLike, source_desc: str,
     """Write both .beton files and the manifest into `out`; returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out, log, "fastres-prep")
     if num_workers < 1:
         num_workers = max(1, min(os.cpu_count() or 1, 8))
     tmp = {name: out / f".{name}.tmp-{os.getpid()}" for name in (TRAIN_FILE, TEST_FILE, MANIFEST_FILE)}

@@ -46,10 +46,14 @@ def test_cli_converts_reruns_as_no_op_and_force_rebuilds(tmp_path, cifar_dir, ci
     # Output is a pipe, as in a log: a plain progress line per file, no carriage-return redraws.
     assert "fastres-prep: writing cifar10_test.beton: 500/500 (100%) in" in r.stdout
     assert "\r" not in r.stdout + r.stderr
-    # A rerun on up-to-date output does nothing and says so; --force rebuilds.
+    # A rerun on up-to-date output does nothing and says so, but for removing what a conversion
+    # killed mid-write left (its pid gone); --force rebuilds.
     before = (out / TRAIN_FILE).stat().st_mtime_ns
+    stale = out / f".{TRAIN_FILE}.tmp-999999"
+    stale.write_bytes(b"half a .beton")
     r = run_cli(*args)
     assert r.returncode == 0 and "up to date" in r.stdout
+    assert not stale.exists() and f"removed {stale}" in r.stdout
     assert (out / TRAIN_FILE).stat().st_mtime_ns == before
     r = run_cli(*args, "--force")
     assert r.returncode == 0 and "writing" in r.stdout
