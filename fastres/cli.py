@@ -6,7 +6,7 @@ import shlex
 import sys
 
 from .config import ConfigError, PRESETS, help_text, make_config, parse_overrides
-from .errors import Interrupted, cli_main
+from .errors import Interrupted, OutputError, cli_main
 
 TRAIN_EPILOG = """\
 settings (any of them as --key value; booleans and auto|on|off switches also as a bare --key (true/on) or
@@ -201,6 +201,26 @@ def seed_only_settings(args: list[str]) -> list[str]:
     return out
 
 
+def continuing(e, how: str, command: list[str]):
+    """The same error, saying which command continues the work once the cause is fixed."""
+    if isinstance(e, Interrupted):
+        return Interrupted(f"{e}\n{how}: {shlex.join(command)}", e.exit_status - 128)
+    return OutputError(f"{e}\n{how}: {shlex.join(command)}")
+
+
+def without_option(args: list[str], option: str) -> list[str]:
+    """args without `option` and its value (given as two arguments or as option=value)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     """Exit statuses: see fastres/errors.py (0 done, 2 bad input, 3 diverged, 4 cannot write output,
     5 run folder in use, 130 interrupted)."""
@@ -220,10 +240,10 @@ def main(argv=None) -> int:
                     from .packed import train_seeds
                     return train_seeds(cfg, args.seeds, args.pack, args.resume)
                 train(cfg, resume=args.resume)
-            except Interrupted as e:  # say how to continue: the same command with --resume (and --out)
+            except (Interrupted, OutputError) as e:  # say how to continue: the same command with --resume
                 out = [] if cfg.out or getattr(e, "run_dir", None) is None else ["--out", str(e.run_dir)]
                 again = ["fastres", *argv, *out] + ([] if args.resume else ["--resume"])
-                raise Interrupted(f"{e}\nresume with: {shlex.join(again)}", e.exit_status - 128) from None
+                raise continuing(e, "resume with", again) from None
         elif args.command == "eval":
             if rest:
                 raise ConfigError(f"unexpected arguments {' '.join(rest)}")
@@ -253,15 +273,22 @@ def main(argv=None) -> int:
                 if args.storage or args.report or args.workers != 1:
                     raise ConfigError("--storage, --workers and --report need a sweep file: fastres sweep FILE ...")
                 from .sweep import sweep
-                sweep(args.preset or "tuned", args.seeds or [0, 1, 2], parse_overrides(rest), args.out,
-                      pack=args.pack)
+                try:
+                    sweep(args.preset or "tuned", args.seeds or [0, 1, 2], parse_overrides(rest), args.out,
+                          pack=args.pack)
+                except OutputError as e:
+                    raise continuing(e, "then continue with", ["fastres", *argv]) from None
             else:
                 if rest or args.preset or args.seeds:
                     raise ConfigError("with a sweep file, settings go in the file ([fixed] or [space]), not on the "
                                       f"command line: {' '.join(rest) or '--preset/--seeds'}")
                 from .sweep import run_sweep_file
-                return run_sweep_file(args.file, args.out, args.storage, args.workers, args.report, args.worker,
-                                      pack=args.pack)
+                try:
+                    return run_sweep_file(args.file, args.out, args.storage, args.workers, args.report, args.worker,
+                                          pack=args.pack)
+                except OutputError as e:  # the same command (a worker's: its parent's) continues the sweep
+                    again = ["fastres", *without_option(argv, "--worker")]
+                    raise continuing(e, "then continue the sweep with", again) from None
         elif args.command == "env":
             from .env import show
             show(make_config(args.preset, parse_overrides(rest)), args.json)

@@ -178,7 +178,7 @@ def atomic_write(path: Path, write) -> None:
         why = describe_os_error(e) if isinstance(e, OSError) else str(e).splitlines()[0]
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
         raise OutputError(f"could not write {path}: {why}; {kept}. Free some space (or choose another "
-                          "--out) and resume with --resume") from None
+                          "--out), then continue") from None  # the command line says with what
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import runtime
-from .config import Config, from_dict
+from .config import Config, describe, from_dict
 from .data import Batches, ensure_data
 from .design import build_model, check_budget, describe_model, summarize
 from .distributed import Dist
@@ -111,7 +111,7 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
     rank_batch = cfg.batch_size // dist.world
 
     log(f"fastres: preset {cfg.preset!r}, resolved config:")
-    log("\n".join(f"  {k:<18} = {json.dumps(v)}" for k, v in cfg.to_dict().items()))
+    log(describe(cfg))
     # One line of what each switch became; the reasons below it (a fallback's reason once).
     log("switches: " + ", ".join(f"{k}={str(v).split(':')[0]}" for k, v in rt.summary.items()
                                  if not k.endswith("_why")))

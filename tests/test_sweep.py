@@ -304,3 +304,33 @@ def test_time_limit_starts_no_trial_after_it_and_the_rest_stay_queued(tmp_path, 
     assert [t.state for t in ts] == [optuna.trial.TrialState.COMPLETE] + [optuna.trial.TrialState.WAITING] * 2
     assert any("time limit (1.0 s) reached" in str(line) for line in lines)
     assert "not finished: 0 running, 2 queued" in "\n".join(map(str, lines))
+
+
+def test_a_full_disk_in_a_trial_names_the_command_that_continues_the_sweep(tmp_path, small_data, monkeypatch,
+                                                                           capsys):
+    """A checkpoint that cannot be written (the disk full) stops the sweep with exit 4 and the
+    command that continues it (not train's --resume, which `fastres sweep` lacks); that command,
+    once there is room, finishes the sweep."""
+    import errno
+
+    import fastres.train as T
+
+    path = sweep_file(tmp_path, small_data, "lr = [0.1]")
+    out = tmp_path / "sweep"
+    real = T.atomic_write
+
+    def full_disk(p, write):
+        if p.name == "last.pt":
+            def enospc(tmp):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+            return real(p, enospc)
+        return real(p, write)
+
+    monkeypatch.setattr(T, "atomic_write", full_disk)
+    assert main(["sweep", str(path), "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "--resume" not in err, err
+    assert f"then continue the sweep with: fastres sweep {path} --out {out}" in err, err
+    monkeypatch.setattr(T, "atomic_write", real)
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    assert [t.state for t in trials(out)][-1] == optuna.trial.TrialState.COMPLETE
