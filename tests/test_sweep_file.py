@@ -115,3 +115,24 @@ def test_the_example_sweep_files_are_valid(path):
     assert spec.space and spec.n_trials() > 0
     if spec.is_grid:  # every configuration of a grid builds
         assert all(spec.config(p, spec.seeds[0]) for p in spec.grid())
+
+
+def test_blocks_se_and_dropout_are_space_entries(tmp_path, capsys):
+    """The blocks other studies publish vary like any setting; a bad reduction is refused with the
+    entry that holds it, before anything runs."""
+    spec = load_sweep(write(tmp_path, """
+preset = "smoke"
+[space]
+model = [ { block = "preact", se = 8 }, { block = "bottleneck", blocks = [2, 2, 2], stem_se = 4 } ]
+dropout = [0.0, 0.3]
+"""))
+    cfgs = [spec.config(p, seed=0, out="x") for p in spec.grid()]
+    assert [(c.block, c.se, c.stem_se, c.dropout) for c in cfgs] == [
+        ("preact", 8, 0, 0.0), ("preact", 8, 0, 0.3), ("bottleneck", 0, 4, 0.0), ("bottleneck", 0, 4, 0.3)]
+    assert cfgs[0] == make_config("smoke", {"block": "preact", "se": 8, "seed": 0, "out": "x"})
+    assert cfgs[0].depth == 20 and cfgs[2].depth == 3 * 6 + 2  # the preset's stages; bottlenecks count 3
+    bad = write(tmp_path, 'preset = "smoke"\n[space]\nse = [0, 99]\n', "bad.toml")
+    assert main(["sweep", str(bad), "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "se = 99" in err and "--se: reduction 99" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "never").exists()
