@@ -63,6 +63,79 @@ HEAD = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'test_loss'
        f"{'train_s':>9} {'img/s':>9}"
 
 
+def checkpoint_to_resume(ckpt_path: Path, model, cfg: Config, rt, log) -> dict | None:
+    """The checkpoint --resume continues from, read onto the CPU (load_state_dict puts each tensor
+    where the model's live, and RNG states must stay CPU ByteTensors), or None without one;
+    ResumeError if it was written with settings that change the arithmetic."""
+    if not ckpt_path.is_file():
+        log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
+        return None
+    ck = load_checkpoint(ckpt_path, model)  # BadInput if damaged or foreign
+    try:
+        old = from_dict(ck["config"])
+    except (BadInput, TypeError) as e:
+        raise ResumeError(f"{ckpt_path}: its config is not valid ({e})") from None
+    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_dict()
+            if k not in RESUME_MAY_DIFFER and getattr(old, k) != getattr(cfg, k)}
+    # The placement decides the batches' order: what it resolved to must match (auto is device on
+    # one GPU and stream on a CPU), however it was asked for
+    placed = ck.get("data_placement", old.data_placement)
+    diff.pop("data_placement", None)
+    if placed != rt.data_placement:
+        diff["data_placement"] = (placed, rt.data_placement if cfg.data_placement != "auto" else
+                                  f"auto, resolved to {rt.data_placement}")
+    # so must the precision: fp16's loss scale is part of the state (a checkpoint from before fp16
+    # existed has no "amp": bf16 or off, and no scaler to load)
+    written_amp = ck.get("amp", "bf16 or off")
+    if written_amp != rt.summary["amp"] and (rt.loss_scaling or "amp" in ck):
+        diff["amp"] = (written_amp, f"{cfg.amp}, resolved to {rt.summary['amp']}")
+    if diff:
+        raise ResumeError(f"{ckpt_path} was written with other settings: " +
+                          ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items()))
+    return ck
+
+
+def warm_up(step, state, batches, rt, batch: int, eval_batch: int, eval_forward) -> tuple[float, float, float]:
+    """Compile and autotune on random data (a training step, an evaluation batch, the compiled
+    augmentation), time 5 more steps and an evaluation batch for the estimate, then put the
+    state (model, optimizer, schedule, EMA, loss scaler) back as it was. Returns seconds: the
+    warm-up, a step (median of 5), and one epoch's evaluation."""
+    model, opt, sched, ema = state
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(), ema.updates,
+                           step.scaling_state()))
+    g = torch.Generator(device=rt.device).manual_seed(12345)
+    x = torch.randn(batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
+    y = torch.randint(0, 10, (batch,), generator=g, device=rt.device)
+    x, y = batches.regularize(x, y, g, 0, 0)  # targets as training's (probabilities under mixup/cutmix)
+    # an evaluation batch as large as the largest the test set gives (a 100-image test set is never
+    # evaluated 1,000 at a time)
+    x_eval = torch.randn(eval_batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    model.train()
+    step(x, y)  # the first call compiles and autotunes
+    eval_forward(x_eval)
+    batches.warmup()  # compiles the fused augmentation for this batch shape
+    sync()
+    warmup_s = time.perf_counter() - t0
+    step_times = []  # the first steps after compiling vary: the median of 5
+    for _ in range(5):
+        t1 = time.perf_counter()
+        step(x, y)
+        sync()
+        step_times.append(time.perf_counter() - t1)
+    t1 = time.perf_counter()
+    eval_forward(x_eval)
+    sync()
+    eval_est_s = (time.perf_counter() - t1) * batches.test_batches
+    model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
+    ema.load_state_dict(saved[3])
+    ema.updates = saved[4]
+    step.load_scaling_state(saved[5])
+    step.after_load()
+    return warmup_s, statistics.median(step_times), eval_est_s
+
+
 def train(cfg: Config, resume: bool = False, log=print, on_epoch=None) -> dict:
     """One run of cfg into its run folder; returns its record (also RUN_DIR/record.json).
 
@@ -153,84 +226,21 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
     step = build_step(cfg, rt, model, train_model, opt, sched, ema, criterion, steps)
 
     # --- the checkpoint to resume from, checked now rather than after a long warm-up ------------
-    ckpt_path, ck = out / CHECKPOINT, None
-    if resume:
-        if ckpt_path.is_file():
-            # Read onto the CPU: load_state_dict puts each tensor where the model's live, and the RNG
-            # states must stay CPU ByteTensors (mapped to the GPU, torch refuses to restore them).
-            ck = load_checkpoint(ckpt_path, model)  # BadInput if damaged or foreign
-            try:
-                old = from_dict(ck["config"])
-            except (BadInput, TypeError) as e:
-                raise ResumeError(f"{ckpt_path}: its config is not valid ({e})") from None
-            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_dict()
-                    if k not in RESUME_MAY_DIFFER and getattr(old, k) != getattr(cfg, k)}
-            # The placement decides the batches' order: what it resolved to must match (auto is
-            # device on one GPU and stream on a CPU), however it was asked for
-            placed = ck.get("data_placement", old.data_placement)
-            diff.pop("data_placement", None)
-            if placed != rt.data_placement:
-                diff["data_placement"] = (placed, rt.data_placement if cfg.data_placement != "auto" else
-                                          f"auto, resolved to {rt.data_placement}")
-            # so must the precision: fp16's loss scale is part of the state (a checkpoint from before
-            # fp16 existed has no "amp": bf16 or off, and no scaler to load)
-            written_amp = ck.get("amp", "bf16 or off")
-            if written_amp != rt.summary["amp"] and (rt.loss_scaling or "amp" in ck):
-                diff["amp"] = (written_amp, f"{cfg.amp}, resolved to {rt.summary['amp']}")
-            if diff:
-                raise ResumeError(f"{ckpt_path} was written with other settings: " +
-                                  ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items()))
-        else:
-            log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
+    ckpt_path = out / CHECKPOINT
+    ck = checkpoint_to_resume(ckpt_path, model, cfg, rt, log) if resume else None
 
     start_epoch = ck["epoch"] if ck is not None else 0
 
     # --- warm-up: compile and autotune on random data, then put everything back ----------------
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(), ema.updates,
-                           step.scaling_state()))
-    g = torch.Generator(device=rt.device).manual_seed(12345)
-    x = torch.randn(rank_batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
-    y = torch.randint(0, 10, (rank_batch,), generator=g, device=rt.device)
-    x, y = batches.regularize(x, y, g, 0, 0)  # targets as training's (probabilities under mixup/cutmix)
-    # an evaluation batch as large as the largest the test set gives (not more: a 100-image test set
-    # is never evaluated 1,000 at a time)
-    x_eval = torch.randn(min(cfg.eval_batch_size, batches.num_test), 3, 32, 32, generator=g,
-                         device=rt.device).to(memory_format=rt.memory_format)
-    rt_sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
-
-    def eval_forward():
+    def eval_forward(x_eval):
         with torch.no_grad(), rt.autocast():
             eval_model.eval()
             eval_model(x_eval)
             if cfg.tta:
                 eval_model(x_eval.flip(3))
 
-    t0 = time.perf_counter()
-    model.train()
-    step(x, y)  # the first call compiles and autotunes
-    eval_forward()
-    batches.warmup()  # compiles the fused augmentation for this batch shape
-    rt_sync()
-    warmup_s = time.perf_counter() - t0
-    # For the estimate: the median of 5 timed steps (the first ones after compiling vary), and one
-    # evaluation batch.
-    step_times = []
-    for _ in range(5):
-        t1 = time.perf_counter()
-        step(x, y)
-        rt_sync()
-        step_times.append(time.perf_counter() - t1)
-    step_s = statistics.median(step_times)
-    t1 = time.perf_counter()
-    eval_forward()
-    rt_sync()
-    eval_est_s = (time.perf_counter() - t1) * batches.test_batches
-    model.load_state_dict(saved[0]), opt.load_state_dict(saved[1]), sched.load_state_dict(saved[2])
-    ema.load_state_dict(saved[3])
-    ema.updates = saved[4]
-    step.load_scaling_state(saved[5])
-    step.after_load()
-    del saved
+    warmup_s, step_s, eval_est_s = warm_up(step, (model, opt, sched, ema), batches, rt, rank_batch,
+                                           min(cfg.eval_batch_size, batches.num_test), eval_forward)
     epochs_left = cfg.epochs - start_epoch
     estimate_s = (step_s * steps + eval_est_s) * epochs_left
     log(f"warm-up (compile/autotune) {warmup_s:.1f} s; estimated time for {epochs_left} epoch(s): "
@@ -239,6 +249,7 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
     if rt.device.type == "cpu" and estimate_s > 30 * 60:
         log(f"NOTE: no GPU; this run will take about {estimate_s / 3600:.1f} h on this CPU (estimate). "
             "For a run of a few minutes use --preset smoke.")
+    rt_sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     if stop.signum:  # Ctrl-C during the warm-up: nothing of this run was written yet
         raise Interrupted("stopped before training started; nothing was written", stop.signum)
 
