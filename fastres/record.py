@@ -1,11 +1,13 @@
-"""What a run writes besides its checkpoint: the environment it ran in, metrics.csv, curves.png
-and TensorBoard scalars (record.json itself is assembled by the training loop)."""
+"""What a run writes besides its checkpoint: record.json (RunRecord), the environment it ran in,
+metrics.csv, curves.png and TensorBoard scalars."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +32,33 @@ def environment(rt) -> dict:
     return {**facts(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": str(rt.device), "device_name": rt.summary.get("device_name", platform.processor() or "cpu"),
             "git_commit": commit}
+
+
+class RunRecord(dict):
+    """record.json of a run, as a dict: what the run is (`fields`, known at its start), then its
+    epochs so far, their totals, its final figures and its status. save() writes it (atomically,
+    from the main process only) at every change of status and after every epoch."""
+
+    def __init__(self, path: Path, main: bool, fields: dict, step, device, t_start: float, resumed_at_epoch):
+        super().__init__(fields, status="running")
+        self.path, self.main, self.step, self.device = path, main, step, device
+        self.t_start, self.resumed_at_epoch = t_start, resumed_at_epoch
+
+    def save(self, status: str, history: list) -> None:
+        if not self.main:
+            return
+        self.update(status=status, epochs=history, resumed_at_epoch=self.resumed_at_epoch,
+                    train_s_total=round(sum(h["train_s"] for h in history), 3),
+                    eval_s_total=round(sum(h["eval_s"] for h in history), 3),
+                    wall_s_this_process=round(time.perf_counter() - self.t_start, 3))
+        self["loss_scaling"] = self.step.scaling_report()  # fp16: steps skipped, final scale; else None
+        if self.device.type == "cuda":  # this process's peak (a packed group's: all its runs together)
+            self["device_memory_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        if history:
+            self.update(final_test_acc=history[-1]["test_acc"], final_test_loss=history[-1]["test_loss"],
+                        best_test_acc=max(h["test_acc"] for h in history),
+                        mean_epoch_train_s=round(self["train_s_total"] / len(history), 4))
+        atomic_write(self.path, lambda p: p.write_text(json.dumps(self, indent=2, default=str)))
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:

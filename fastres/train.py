@@ -36,7 +36,8 @@ from .errors import BadInput, Diverged, Interrupted, OutputError
 from .evaluate import evaluate
 from .optim import EMA, lr_factor, make_criterion, make_optimizer
 from .progress import Progress, duration
-from .record import CHECKPOINT, CURVES, METRICS_CSV, RECORD, TensorBoard, environment, plot_curves, write_metrics_csv
+from .record import (CHECKPOINT, CURVES, METRICS_CSV, RECORD, RunRecord, TensorBoard, environment, plot_curves,
+                     write_metrics_csv)
 from .results import test_set_results
 from .rundir import StopRequest, atomic_write, load_checkpoint, open_run_dir, rng_state, set_rng_state
 from .step import build_step
@@ -266,26 +267,12 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
         log(f"resumed from {ckpt_path} after epoch {start_epoch}")
         del ck
 
-    record = {"config": cfg.to_dict(), "switches": rt.summary, "environment": environment(rt),
-              "parameters": n_params, "macs": design["macs"], "num_train": batches.num_train, "num_test": batches.num_test,
-              "steps_per_epoch": steps, "world_size": dist.world, "backend": dist.backend,
-              "per_rank_batch": rank_batch, "warmup_s": round(warmup_s, 3), "status": "running"}
-
-    def save_record(status: str):
-        if not dist.main:
-            return
-        record.update(status=status, epochs=history, resumed_at_epoch=start_epoch if resume else None,
-                      train_s_total=round(sum(h["train_s"] for h in history), 3),
-                      eval_s_total=round(sum(h["eval_s"] for h in history), 3),
-                      wall_s_this_process=round(time.perf_counter() - t_start, 3))
-        record["loss_scaling"] = step.scaling_report()  # fp16: steps skipped, final scale; else None
-        if rt.device.type == "cuda":  # this process's peak (a packed group's: all its runs together)
-            record["device_memory_peak_mb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**20, 1)
-        if history:
-            record.update(final_test_acc=history[-1]["test_acc"], final_test_loss=history[-1]["test_loss"],
-                          best_test_acc=max(h["test_acc"] for h in history),
-                          mean_epoch_train_s=round(record["train_s_total"] / len(history), 4))
-        atomic_write(out / RECORD, lambda p: p.write_text(json.dumps(record, indent=2, default=str)))
+    record = RunRecord(out / RECORD, dist.main, {
+        "config": cfg.to_dict(), "switches": rt.summary, "environment": environment(rt), "parameters": n_params,
+        "macs": design["macs"], "num_train": batches.num_train, "num_test": batches.num_test, "steps_per_epoch": steps,
+        "world_size": dist.world, "backend": dist.backend, "per_rank_batch": rank_batch,
+        "warmup_s": round(warmup_s, 3)}, step, rt.device, t_start, start_epoch if resume else None)
+    save_record = lambda status: record.save(status, history)  # noqa: E731 (the run's history, as it grows)
 
     def interrupted(where: str) -> Interrupted:
         save_record("interrupted")
