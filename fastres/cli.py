@@ -35,6 +35,14 @@ use by another training, 130 interrupted (Ctrl-C; the last checkpoint resumes)
 """
 
 
+def add_checkpoints(p: argparse.ArgumentParser, data: str) -> None:
+    """What eval and predict share: one checkpoint or several (an ensemble), TTA, device, data."""
+    p.add_argument("checkpoint", nargs="+", help="last.pt files written by 'fastres train' (several: an ensemble)")
+    p.add_argument("--tta", action="store_true", help="(also) average the logits of each image and its mirror")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data", default=None, help=data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: settings are parsed by fastres (--seed), so argparse must not take a
     # prefix of one of its own options for it (--seed would be read as --seeds)
@@ -68,10 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n"
                               "  fastres eval runs/latest/last.pt\n"
                               "  fastres eval runs/sweep-x/trials/*/seed*/last.pt --tta --out ensemble/")
-    e.add_argument("checkpoint", nargs="+", help="last.pt files written by 'fastres train'")
-    e.add_argument("--data", default=None, help="folder with the .beton files (default: the first run's)")
-    e.add_argument("--tta", action="store_true", help="also average the logits of each image and its mirror")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_checkpoints(e, data="folder with the .beton files (default: the first run's)")
     e.add_argument("--out", default=None, help="where the per-class results go (default: RUN_DIR/eval for one "
                                                "checkpoint, ./eval-ensemble for several)")
     pr = sub.add_parser("predict", allow_abbrev=False, help="label images without labels (a hidden test set) as a CSV",
@@ -89,17 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "      --probs probs.npy\n\n"
                                "exit status: 0, or 2 for bad images or ids, unreadable input or checkpoints, or "
                                "checkpoints of different class counts (no CSV is left)")
-    pr.add_argument("checkpoint", nargs="+", help="last.pt files written by 'fastres train'")
+    add_checkpoints(pr, data="the runs' .beton folder, for checkpoints that do not keep their normalization "
+                             "(written by earlier versions)")
     pr.add_argument("--images", required=True, metavar="PATH", help="the images to label (see above)")
     pr.add_argument("--out", required=True, metavar="CSV", help="the labels: a header, then ID,LABEL per image")
-    pr.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
     pr.add_argument("--probs", default=None, metavar="FILE", help="also the probabilities: .npy (N x classes) or "
                                                                   ".csv (ID and a column per class)")
     pr.add_argument("--names", action="store_true", help="class names (airplane, ...) instead of indices 0-9")
     pr.add_argument("--header", default="ID,Labels", help="the CSV's two column names (default: ID,Labels)")
-    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pr.add_argument("--data", default=None, help="the runs' .beton folder, for checkpoints that do not keep their "
-                                                 "normalization (written by earlier versions)")
     m = sub.add_parser("summary", allow_abbrev=False, help="the model's layer table, parameters, multiply-adds and sizes (no data needed)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="The model a preset and settings describe, as torchinfo's layer table (layer, "

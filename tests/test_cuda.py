@@ -184,34 +184,41 @@ def test_tiny_run_on_cuda_trains_evaluates_and_resumes(small_data, tmp_path, mod
     assert again["status"] == "finished" and again["resumed_at_epoch"] == 1 and len(again["epochs"]) == 2
 
 
+def _whole_step(optimizer: str, amp: str, capture: bool, scaler=None):
+    """A depth-20 model of the tuned recipe and its WholeStep on CUDA (captured or not), with the
+    exact convolutions of the `exact_convs` fixture (resolve() turns TF32 and autotuning on)."""
+    from fastres import runtime
+    from fastres.config import make_config
+    from fastres.design import build_model
+    from fastres.optim import EMA, lr_factor, make_criterion, make_optimizer, peak_lr
+    from fastres.step import WholeStep
+
+    torch._dynamo.reset()
+    over = {"nesterov": False, "lr": 0.002, "weight_decay": 0.05} if optimizer != "sgd" else {}
+    cfg = make_config("tuned", {"device": "cuda", "depth": 20, "amp": amp, "batch_size": 32, "epochs": 2,
+                                "whole_step": True, "optimizer": optimizer, **over})
+    rt = runtime.resolve(cfg)
+    b = torch.backends
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
+    torch.manual_seed(0)
+    model = build_model(cfg, rt)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, 5))
+    ema = EMA(model, cfg.ema)
+    f = lr_factor(cfg, 5)
+    step = WholeStep(model, opt, sched, ema, make_criterion(cfg), rt, [peak_lr(cfg) * f(s) for s in range(11)],
+                     capture=capture, scaler=scaler)
+    return model, opt, sched, ema, step, rt
+
+
 @pytest.mark.parametrize("optimizer,soft_targets", [("sgd", False), ("adam", False), ("adamw", True)])
 def test_whole_step_graph_replays_the_uncaptured_step(exact_convs, optimizer, soft_targets):
     """--whole-step: the captured graph (replayed) against the same arithmetic run op by op
     (test_whole_step.py and test_optimizers.py check that arithmetic against torch.optim's SGD,
     Adam and AdamW on the CPU); for each optimizer, and with mixup's (N, 10) targets."""
-    from fastres import runtime
-    from fastres.config import make_config
-    from fastres.step import WholeStep
-    from fastres.design import build_model
-    from fastres.optim import EMA, lr_factor, make_criterion, make_optimizer, peak_lr
-
     results = []
     for capture in (False, True):
-        torch._dynamo.reset()
-        over = {"nesterov": False, "lr": 0.002, "weight_decay": 0.05} if optimizer != "sgd" else {}
-        cfg = make_config("tuned", {"device": "cuda", "depth": 20, "amp": "off", "batch_size": 32, "epochs": 2,
-                                    "whole_step": True, "optimizer": optimizer, **over})
-        rt = runtime.resolve(cfg)
-        b = torch.backends
-        b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
-        torch.manual_seed(0)
-        model = build_model(cfg, rt)
-        opt = make_optimizer(model, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, 5))
-        ema = EMA(model, cfg.ema)
-        f = lr_factor(cfg, 5)
-        step = WholeStep(model, opt, sched, ema, make_criterion(cfg), rt, [peak_lr(cfg) * f(s) for s in range(11)],
-                         capture=capture)
+        model, opt, sched, ema, step, rt = _whole_step(optimizer, "off", capture)
         g = torch.Generator(device=CUDA).manual_seed(0)
         # as training's warm-up does: a first call (which captures), then the state put back
         saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict()))
@@ -246,30 +253,10 @@ def test_fp16_whole_step_graph_replays_the_uncaptured_step(exact_convs, optimize
     on the device, a skipped step undone by selection) against the same arithmetic op by op
     (test_loss_scaling.py checks that against torch.optim + GradScaler on the CPU). A large initial
     scale forces overflows: the same steps are skipped and the scales agree exactly."""
-    from fastres import runtime
-    from fastres.config import make_config
-    from fastres.design import build_model
-    from fastres.optim import EMA, lr_factor, make_criterion, make_optimizer, peak_lr
-    from fastres.step import WholeStep
-
     results = []
     for capture in (False, True):
-        torch._dynamo.reset()
-        over = {"nesterov": False, "lr": 0.002, "weight_decay": 0.05} if optimizer != "sgd" else {}
-        cfg = make_config("tuned", {"device": "cuda", "depth": 20, "amp": "fp16", "batch_size": 32, "epochs": 2,
-                                    "whole_step": True, "optimizer": optimizer, **over})
-        rt = runtime.resolve(cfg)
-        b = torch.backends
-        b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
-        torch.manual_seed(0)
-        model = build_model(cfg, rt)
-        opt = make_optimizer(model, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, 5))
-        ema = EMA(model, cfg.ema)
-        f = lr_factor(cfg, 5)
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 24, growth_interval=2)
-        step = WholeStep(model, opt, sched, ema, make_criterion(cfg), rt, [peak_lr(cfg) * f(s) for s in range(11)],
-                         capture=capture, scaler=scaler)
+        model, opt, sched, ema, step, rt = _whole_step(optimizer, "fp16", capture, scaler)
         g = torch.Generator(device=CUDA).manual_seed(0)
         saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(),
                                step.scaling_state()))
