@@ -237,6 +237,7 @@ class Batches:
                  placement: str = "stream", cutout: int = 0, mixup: float = 0.0, cutmix: float = 0.0,
                  shared: dict | None = None):
         d = Path(data_dir)
+        self.data_dir, self.test_limit = d, test_limit
         # Sizes, image and label counts and SHA-256 of both files against the manifest, before
         # FFCV maps them: a damaged file is one clear message, not an error from inside FFCV.
         self.manifest = verify(d)
@@ -346,6 +347,13 @@ class Batches:
             else:
                 x = normalize(images, self.mean, self.std, self.dtype, self.channels_last)
             yield x, labels
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole test set as uint8 images and labels in file order (the same images test()
+        yields, all ranks' together): the resident tensors when they hold all of it, else read."""
+        if self.placement == "device" and self.world == 1:
+            return self.test_x, self.test_y
+        return read_all(self.data_dir / TEST_FILE, torch.device("cpu"), self.test_limit)
 
     def test(self):
         if self.placement == "stream":

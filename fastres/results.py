@@ -89,15 +89,11 @@ def write_results(folder: Path, logp: torch.Tensor, labels: torch.Tensor, images
     return {"per_class_acc": acc, "confusion": counts.tolist()}
 
 
-def test_set_results(folder: Path, models: list, data_dir, test_limit: int, mean, std, rt, tta: bool,
-                     title: str = "", batch: int = 1000) -> dict:
-    """write_results for `models` on the test set of the .beton folder `data_dir` (read once, in
-    file order: `test_limit` images, class-balanced, as training evaluates; 0 = all)."""
-    from data_prep import TEST_FILE
-
-    from .data import read_all
-
-    images, labels = read_all(Path(data_dir) / TEST_FILE, torch.device("cpu"), test_limit or None)
+def test_set_results(folder: Path, models: list, test_set: tuple, mean, std, rt, tta: bool, title: str = "",
+                     batch: int = 1000) -> dict:
+    """write_results for `models` on test_set = (uint8 images, labels), as Batches.test_set()
+    gives it."""
+    images, labels = test_set
     logp = log_probabilities(models, images, mean, std, rt, tta, batch)
     return write_results(folder, logp, labels, images, title=title)
 

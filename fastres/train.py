@@ -391,8 +391,8 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
 
     tb.close()
     if dist.main:  # per-class accuracy, confusion matrix and mistakes of the model the run evaluated
-        per_class = test_set_results(out, [eval_model], cfg.data, cfg.test_limit, batches.mean, batches.std, rt,
-                                     cfg.tta, describe_model(cfg), cfg.eval_batch_size)["per_class_acc"]
+        per_class = test_set_results(out, [eval_model], batches.test_set(), batches.mean, batches.std, rt, cfg.tta,
+                                     describe_model(cfg), cfg.eval_batch_size)["per_class_acc"]
         record["per_class_acc"] = per_class
         save_record("finished")
         log("per class: " + ", ".join(f"{n} {a:.1%}" for n, a in per_class.items()) +

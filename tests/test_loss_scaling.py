@@ -27,7 +27,7 @@ OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.1, "nesterov": True, "weight_d
               "adamw": {"optimizer": "adamw", "lr": 0.002, "weight_decay": 0.05}}
 # The reference's skipped first steps call the schedule before any optimizer step, as GradScaler's
 # documented loop does; LambdaLR's warning about that order is expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
+pytestmark = pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 STEPS_PER_EPOCH = 6
 STEPS = 12
 INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 22, 3  # overflows fp16 for the first steps; grows every 3 good steps
