@@ -203,6 +203,12 @@ def seed_only_settings(args: list[str]) -> list[str]:
     return out
 
 
+def continuable(e) -> bool:
+    """Work under way that the same command continues (stopped, or a write that failed midway),
+    not a refusal before it started (a folder that cannot be made: another --out is the fix)."""
+    return isinstance(e, Interrupted) or getattr(e, "continuable", False)
+
+
 def continuing(e, how: str, command: list[str]):
     """The same error, saying which command continues the work once the cause is fixed."""
     if isinstance(e, Interrupted):
@@ -243,6 +249,8 @@ def main(argv=None) -> int:
                     return train_seeds(cfg, args.seeds, args.pack, args.resume)
                 train(cfg, resume=args.resume)
             except (Interrupted, OutputError) as e:  # say how to continue: the same command with --resume
+                if not continuable(e):
+                    raise
                 out = [] if cfg.out or getattr(e, "run_dir", None) is None else ["--out", str(e.run_dir)]
                 again = ["fastres", *argv, *out] + ([] if args.resume else ["--resume"])
                 raise continuing(e, "resume with", again) from None
@@ -279,6 +287,8 @@ def main(argv=None) -> int:
                     sweep(args.preset or "tuned", args.seeds or [0, 1, 2], parse_overrides(rest), args.out,
                           pack=args.pack)
                 except OutputError as e:
+                    if not continuable(e):
+                        raise
                     raise continuing(e, "then continue with", ["fastres", *argv]) from None
             else:
                 if rest or args.preset or args.seeds:
@@ -289,6 +299,8 @@ def main(argv=None) -> int:
                     return run_sweep_file(args.file, args.out, args.storage, args.workers, args.report, args.worker,
                                           pack=args.pack)
                 except OutputError as e:  # the same command (a worker's: its parent's) continues the sweep
+                    if not continuable(e):
+                        raise
                     again = ["fastres", *without_option(argv, "--worker")]
                     raise continuing(e, "then continue the sweep with", again) from None
         elif args.command == "env":

@@ -177,8 +177,10 @@ def atomic_write(path: Path, write) -> None:
     except (OSError, RuntimeError) as e:  # torch.save reports write failures as RuntimeError
         why = describe_os_error(e) if isinstance(e, OSError) else str(e).splitlines()[0]
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        raise OutputError(f"could not write {path}: {why}; {kept}. Free some space (or choose another "
-                          "--out), then continue") from None  # the command line says with what
+        e = OutputError(f"could not write {path}: {why}; {kept}. Free some space (or choose another --out), "
+                        "then continue")
+        e.continuable = True  # work under way: the command line says which command continues it
+        raise e from None
     finally:
         tmp.unlink(missing_ok=True)
 
