@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark suite (`pytest bench/`; see README, 'Tracking speed').
+"""Shared helpers of the benchmark suite (`pytest bench/`; see docs/benchmarks.md).
 
 FASTRES_BENCH_DATA: folder of .beton files (default ./data, converted on demand from
   $FASTRES_CIFAR10 or the torchvision download).

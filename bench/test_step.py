@@ -68,7 +68,7 @@ def skip_reason(variant, batch):
     return None
 
 
-# Design points a sweep explores (README, 'The design space'), with the switches' defaults: their
+# Design points a sweep explores (docs/design-space.md), with the switches' defaults: their
 # step rates are what a sweep's time estimate needs besides ResNet-68's.
 DESIGNS = {
     "resnet68_kernel5": {"kernel": "5"},

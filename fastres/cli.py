@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "workers, leaderboard",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="With a sweep FILE (TOML: the base preset, fixed settings, the space, seeds, "
-                                   "budget, sampler, pruner; see README): the study lives in DIR/study.db (or "
+                                   "budget, sampler, pruner; see docs/sweeps.md): the study lives in DIR/study.db (or "
                                    "--storage); each trial trains its configuration once per seed in "
                                    "DIR/trials/NNNN/seedS; the leaderboard is printed at the end and saved as "
                                    "DIR/leaderboard.csv, accuracy_vs_params.png and accuracy_vs_time.png. The "

@@ -133,7 +133,7 @@ PRESETS: dict[str, dict] = {
     "paper": {},
     # Minutes on a 2-core CPU and still real learning.
     "smoke": dict(depth=20, train_limit=10_000, epochs=3, batch_size=256, lr=0.1, schedule="cosine_step"),
-    # Beyond the paper: same ResNet-68 and 50 epochs, better optimization (see README).
+    # Beyond the paper: same ResNet-68 and 50 epochs, better optimization (see docs/training.md, 'Presets').
     "tuned": dict(batch_size=128, lr=0.1, nesterov=True, label_smoothing=0.1, warmup_epochs=2,
                   schedule="cosine_step", ema=0.999, tta=True, no_decay_bn_bias=True),
     # Large batch for wall time on a GPU; lr scaled linearly from 0.1 per 128 images.
