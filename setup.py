@@ -18,7 +18,7 @@ setup(
         "tqdm",
         "matplotlib",
         "torchinfo>=1.8",  # fastres summary: the model's layer table, parameters and multiply-adds
-        "optuna>=4.4",  # fastres sweep: the study, its storage, samplers, pruners, heartbeats and retries
+        "optuna>=4.9",  # fastres sweep: the study, its storage, samplers, pruners, heartbeats and retries (RetryHeartbeatStaleTrialCallback)
     ],
     # tensorboard: optional for users (--tensorboard); the tests read back what it writes.
     # pytest-xdist: the test command runs the tests in 2 processes (`pytest -n 2`).

@@ -5,7 +5,7 @@ import argparse
 import shlex
 import sys
 
-from .config import ConfigError, PRESETS, help_text, make_config, parse_overrides
+from .config import DEFAULT_PRESET, PRESETS, ConfigError, help_text, make_config, parse_overrides
 from .errors import Interrupted, OutputError, cli_main
 
 TRAIN_EPILOG = """\
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RUN_DIR/record.json, metrics.csv, curves.png and last.pt (RUN_DIR: "
                                    "--out, else a new runs/PRESET/DATE-TIME, linked as runs/latest).",
                        epilog=TRAIN_EPILOG.format(settings=help_text(), presets=", ".join(PRESETS)))
-    t.add_argument("--preset", default="paper", help="named recipe (default: paper)")
+    t.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default: {DEFAULT_PRESET})")
     t.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR/last.pt (without --out: the run runs/latest points at)")
     t.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  fastres summary --preset paper                 # 1,050,202 parameters\n"
                               "  fastres summary --blocks 2,2,2,2 --widths 64,128,256,512 --pool 4 --max-params 5M\n\n"
                               "exit status: 0, or 2 for a bad setting or a model over --max-params (by how much)")
-    m.add_argument("--preset", default="paper", help="named recipe whose model to start from (default: paper)")
+    m.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe whose model to start from (default: {DEFAULT_PRESET})")
     m.add_argument("--depth-of-table", type=int, default=2, metavar="D",
                    help="nesting depth of the layer table (1: stages only, 2: blocks, 3: every layer; default 2)")
     s = sub.add_parser("sweep", allow_abbrev=False, help="a study on Optuna from a sweep file (or one preset's seeds): trials, "
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "0 done, 2 bad sweep file or storage (unreachable, locked, another sweep's), "
                               "4 folder not writable, 130/143 stopped (every trial resumes)")
     s.add_argument("file", nargs="?", default=None, help="sweep file (TOML); omit for the seed-only form")
-    s.add_argument("--preset", default=None, help="seed-only form: the preset (default: tuned)")
+    s.add_argument("--preset", default=None, help=f"seed-only form: the preset (default: {DEFAULT_PRESET})")
     s.add_argument("--seeds", type=int, nargs="+", default=None, help="seed-only form: seeds (default: 0 1 2)")
     s.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-FILE or runs/sweep-PRESET)")
     s.add_argument("--storage", default=None, metavar="URL",
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  fastres env                                # the paper preset here\n"
                               "  fastres env --preset throughput --amp fp16\n"
                               "  fastres env --json > env.json              # for a bug report")
-    v.add_argument("--preset", default="paper", help="named recipe to resolve (default: paper)")
+    v.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe to resolve (default: {DEFAULT_PRESET})")
     v.add_argument("--json", action="store_true", help="the facts and the resolution as JSON")
     return p
 
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
                     raise ConfigError("--storage, --workers and --report need a sweep file: fastres sweep FILE ...")
                 from .sweep import sweep
                 try:
-                    sweep(args.preset or "tuned", args.seeds or [0, 1, 2], parse_overrides(rest), args.out,
+                    sweep(args.preset or DEFAULT_PRESET, args.seeds or [0, 1, 2], parse_overrides(rest), args.out,
                           pack=args.pack)
                 except OutputError as e:
                     if not continuable(e):

@@ -20,9 +20,12 @@ class ConfigError(BadInput):
     """A bad setting: unknown key, wrong type or value out of range (exit status 2)."""
 
 
+DEFAULT_PRESET = "paper"  # what train, sweep --seeds, summary and env start from without --preset
+
+
 @dataclass(frozen=True)
 class Config:
-    preset: str = "paper"
+    preset: str = DEFAULT_PRESET
     # --- model (the paper's names: N stages, B_i blocks, C_i channels, F_i, K_i, P) -----------
     depth: int = 68                       # weighted layers, 2 * sum(blocks) + 2 (3 * for bottlenecks);
                                           # given alone it is the shorthand for three equal stages,
@@ -321,7 +324,7 @@ def validate_parts(cfg: Config, bad) -> None:
             bad(key, f"a probability in [0, 1); got {getattr(cfg, key)}")
 
 
-def make_config(preset: str = "paper", overrides: dict | None = None) -> Config:
+def make_config(preset: str = DEFAULT_PRESET, overrides: dict | None = None) -> Config:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {"preset": preset}

@@ -29,13 +29,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def leaderboard(study) -> dict:
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     names, ranked, pruned, failed, over, left = [], [], [], [], [], {"running": 0, "waiting": 0}
     every = study.get_trials(deepcopy=False)
     # attempts that a later trial continues (a stopped or dead worker's), and trials that were
     # no configuration (asked for when a grid had just run out)
-    retried = {n for t in every for n in t.system_attrs.get("retry_history", [])}
+    retried = {n for t in every for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     for t in every:
         a = t.user_attrs
         if t.number in retried or a.get("status") == "grid_done":

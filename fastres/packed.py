@@ -223,18 +223,12 @@ def _prefixed(log, name: str):
 
 def train_seeds(cfg: Config, seeds: list[int], pack: int = 1, resume: bool = False, log=print) -> int:
     """`fastres train --seeds S1 S2 ... [--pack K]`: one run of cfg per seed, in RUN_DIR/seed<S>,
-    K at a time. Prints each seed's final accuracy and their mean and std; the exit status is 0,
-    or that of the first run that failed (3 diverged, 4 output) once the others are done."""
-    import dataclasses
-    import statistics
-
+    K at a time; each seed's final accuracy, then their mean ± std (also RUN_DIR/summary.json).
+    The exit status is 0, or that of the first run that failed (3 diverged, 4 output) once the
+    others are done."""
     from .rundir import latest_run, new_run_dir
-    from .train import train
+    from .seeds import report, seed_configs, train_each
 
-    if pack < 1:
-        raise BadInput(f"--pack: at least 1; got {pack}")
-    if len(set(seeds)) != len(seeds):
-        raise BadInput(f"--seeds: each seed once; got {seeds}")
     if cfg.out:
         base = Path(cfg.out)
     elif resume:  # runs/latest points at the last seed folder of the group
@@ -244,29 +238,12 @@ def train_seeds(cfg: Config, seeds: list[int], pack: int = 1, resume: bool = Fal
         base = last.parent
     else:
         base = new_run_dir(cfg.preset)
-    cfgs = [dataclasses.replace(cfg, seed=s, out=str(base / f"seed{s}")) for s in seeds]
+    cfgs = seed_configs(cfg, seeds, base)
     try:
-        if pack == 1:
-            results = []
-            for c in cfgs:  # one after another, each exactly `fastres train`
-                try:
-                    results.append(train(c, resume=resume, log=log))
-                except FastresError as e:
-                    if isinstance(e, (Interrupted, BadInput)):
-                        raise
-                    results.append(e)
-        else:
-            results = train_packed(cfgs, resume, log, names=[f"seed{c.seed}" for c in cfgs], slots=pack)
+        results = train_each(cfgs, pack, [resume] * len(cfgs), log)
     except Interrupted as e:
         e.run_dir = base
         raise
-    done = [r for r in results if isinstance(r, dict) and r.get("final_test_acc") is not None]
-    for c, r in zip(cfgs, results):
-        what = f"{r['final_test_acc']:.2%}" if isinstance(r, dict) and "final_test_acc" in r else f"{r}"
-        log(f"seed {c.seed}: {what} ({c.out})")
-    if len(done) > 1:
-        acc = [r["final_test_acc"] for r in done]
-        log(f"test accuracy {statistics.fmean(acc):.2%} ± {statistics.stdev(acc):.2%} over {len(done)} seeds")
+    report(cfgs, results, base, log)
     failed = [r for r in results if isinstance(r, FastresError)]
     return failed[0].exit_status if failed else 0
-

@@ -1,69 +1,42 @@
 """`fastres sweep`: a sweep file's study on Optuna (fastres/study.py), or one preset's seeds.
 
     run_sweep_file("study.toml", out, storage, workers)   # plan, estimate, workers, leaderboard
-    sweep("tuned", [0, 1, 2], {})                         # the seed-only form: OUT/seed<N>
+    sweep("paper", [0, 1, 2], {})                         # the seed-only form: OUT/seed<N>
 
-Seed-only: each seed runs in OUT/seed<N>; a seed whose record.json says 'finished' is read, not
-rerun. The summary (mean and sample std over seeds of final accuracy and epoch time) is printed
-and saved to OUT/summary.json.
+Seed-only: `fastres train --seeds` (fastres/seeds.py) in OUT/seed<N>, where a seed whose
+record.json says 'finished' is read, not rerun, and an unfinished one resumes.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import statistics
 from pathlib import Path
 
-from .config import from_dict, make_config
+from .config import make_config
 from .errors import BadInput, Interrupted
 from .progress import duration
-from .rundir import CHECKPOINT, RECORD, RUN_FILES
-from .train import train
-
-
-def summarize(records: list[dict]) -> dict:
-    acc = [r["final_test_acc"] for r in records]
-    ep = [r["mean_epoch_train_s"] for r in records]
-    sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-    return {"seeds": [r["config"]["seed"] for r in records], "final_test_acc": acc,
-            "acc_mean": statistics.fmean(acc), "acc_std": sd(acc),
-            "epoch_train_s_mean": statistics.fmean(ep), "epoch_train_s_std": sd(ep),
-            "device_name": records[0]["environment"]["device_name"], "torch": records[0]["environment"]["torch"]}
+from .rundir import CHECKPOINT
 
 
 def sweep(preset: str, seeds: list[int], overrides: dict, out: str | None = None, log=print, pack: int = 1) -> dict:
-    out = Path(out or f"runs/sweep-{preset}")
-    cfgs = [make_config(preset, {**overrides, "seed": s, "out": str(out / f"seed{s}")}) for s in seeds]
-    records, todo = {}, []
-    for cfg in cfgs:
-        rec_path = Path(cfg.out) / RECORD
-        rec = json.loads(rec_path.read_text()) if rec_path.is_file() else None
-        if rec and rec.get("status") == "finished" and from_dict(rec["config"]) == cfg:
-            log(f"seed {cfg.seed}: finished run found in {cfg.out}, reading it")
-            records[cfg.seed] = rec
-        else:
-            todo.append(cfg)
-    for cfg in todo:
-        log(f"seed {cfg.seed}: {'resuming' if (Path(cfg.out) / CHECKPOINT).is_file() else 'training'} in {cfg.out}")
-    # an unfinished run of this sweep continues (from scratch if it wrote no checkpoint yet)
-    holds = [any((Path(c.out) / f).exists() for f in RUN_FILES) for c in todo]
-    if pack <= 1 or len(todo) <= 1:
-        for cfg, resume in zip(todo, holds):
-            records[cfg.seed] = train(cfg, resume=resume)
-    elif todo:
-        from .packed import train_packed
+    """The seed-only form: `fastres train --seeds` into OUT (default runs/sweep-PRESET) that reads
+    the seeds that finished before and resumes the others; their summary (OUT/summary.json)."""
+    from .seeds import finished_record, holds_a_run, report, seed_configs, train_each
 
-        got = train_packed(todo, any(holds), log, names=[f"seed{c.seed}" for c in todo], slots=pack)
-        for c, r in zip(todo, got):
-            if not isinstance(r, dict):
-                raise r
-            records[c.seed] = r
-    records = [records[s] for s in seeds]
-    s = {"preset": preset, "overrides": overrides, **summarize(records)}
-    (out / "summary.json").write_text(json.dumps(s, indent=2))
-    log(f"{preset}: test accuracy {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f} % over seeds {seeds}; "
-        f"epoch {s['epoch_train_s_mean']:.2f} ± {s['epoch_train_s_std']:.2f} s ({s['device_name']})")
-    return s
+    out = Path(out or f"runs/sweep-{preset}")
+    cfgs = seed_configs(make_config(preset, {**overrides, "out": str(out)}), seeds, out)
+    records = {c.seed: finished_record(c) for c in cfgs}
+    todo = [c for c in cfgs if records[c.seed] is None]
+    for cfg in cfgs:
+        doing = "finished run found in {}, reading it" if records[cfg.seed] else \
+            "resuming in {}" if (Path(cfg.out) / CHECKPOINT).is_file() else "training in {}"
+        log(f"seed {cfg.seed}: " + doing.format(cfg.out))
+    # an unfinished run of this sweep continues (from scratch if it wrote no checkpoint yet)
+    for c, r in zip(todo, train_each(todo, pack, [holds_a_run(c) for c in todo], log)):
+        if not isinstance(r, dict):
+            raise r
+        records[c.seed] = r
+    return report(cfgs, [records[s] for s in seeds], out, log, preset=preset, overrides=overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +46,8 @@ def run_sweep_file(path: str, out: str | None = None, storage: str | None = None
                    report_only: bool = False, worker: int | None = None, log=print, pack: int = 1) -> int:
     """`fastres sweep FILE`: open (or join) the study, say what will run and for about how long,
     run the trials in `workers` processes (this one when 1), then print and save the leaderboard."""
-    from .study import check_folder, claim_folder, default_url, open_storage, open_study, storage_errors, work
+    from .study import check_folder, claim_folder, default_url, open_storage, open_study, storage_errors
+    from .worker import work
     from .sweepfile import load_sweep
 
     spec = load_sweep(path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import signal
 import statistics
 import time
