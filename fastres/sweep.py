@@ -168,9 +168,10 @@ def _sample_configs(spec, k: int = 16) -> list[dict]:
 
 
 def measure_step_s(cfg) -> tuple[float, str]:
-    """Seconds per training step of cfg's model at its batch size on the device a run would use
-    (eager: no compilation), the median of 3 after three warm-up steps (the
-    first steps on a CPU also build oneDNN's kernels: several times slower); and the device's name."""
+    """Seconds per training step of cfg's model at its batch size on the device a run would use:
+    the run's own usual step (TrainStep: its optimizer, schedule, EMA and loss scaling), eager (no
+    compilation), the median of 3 after three warm-up steps (the first steps on a CPU also build
+    oneDNN's kernels: several times slower); and the device's name."""
     import statistics as st
     import time
 
@@ -178,23 +179,22 @@ def measure_step_s(cfg) -> tuple[float, str]:
 
     from . import runtime
     from .design import build_model
-    from .optim import make_criterion, make_optimizer
+    from .optim import EMA, lr_factor, make_criterion, make_optimizer
+    from .step import TrainStep
 
     rt = runtime.resolve(cfg)
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg, rt).train()
-        opt, crit = make_optimizer(model, cfg), make_criterion(cfg)
+        opt = make_optimizer(model, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, 1000))
+        step = TrainStep(model, opt, sched, EMA(model, cfg.ema), make_criterion(cfg), rt)
         x = torch.randn(cfg.batch_size, 3, 32, 32, device=rt.device).to(memory_format=rt.memory_format)
         y = torch.randint(0, 10, (cfg.batch_size,), device=rt.device)
         sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
         times = []
         for _ in range(6):
             t0 = time.perf_counter()
-            with rt.autocast():
-                loss = crit(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(x, y)
             sync()
             times.append(time.perf_counter() - t0)
     return st.median(times[3:]), rt.summary.get("device_name", str(rt.device))

@@ -136,3 +136,23 @@ dropout = [0.0, 0.3]
     err = capsys.readouterr().err.strip()
     assert "se = 99" in err and "--se: reduction 99" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "never").exists()
+
+
+def test_the_estimate_times_the_runs_own_step(monkeypatch):
+    """The sweep's estimate measures the step a run trains with (TrainStep, with the config's
+    optimizer and loss scaling), not a loop of its own: each timed step is one TrainStep call that
+    moves the weights."""
+    from fastres import step as step_module
+    from fastres.sweep import measure_step_s
+
+    calls, real = [], step_module.TrainStep.__call__
+
+    def counted(self, x, y):
+        calls.append(type(self.opt).__name__)
+        return real(self, x, y)
+
+    monkeypatch.setattr(step_module.TrainStep, "__call__", counted)
+    cfg = make_config("smoke", {"blocks": "1,1,1", "widths": "4,8,16", "batch_size": 8, "optimizer": "adamw",
+                                "device": "cpu", "amp": "off", "channels_last": "false"})
+    seconds, device = measure_step_s(cfg)
+    assert calls == ["AdamW"] * 6 and seconds > 0 and device
