@@ -85,7 +85,29 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-METRICS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_s", "eval_s", "images_per_s")
+# The per-epoch metrics, written once: (key, the console table's header, width, format; None: not
+# in the table). The table, metrics.csv, TensorBoard and record.json's epochs all take these keys.
+COLUMNS = (("epoch", "epoch", 5, ""), ("lr", "lr", 9, ".5f"), ("train_loss", "train_loss", 10, ".4f"),
+           ("train_acc", "train_acc", 9, ".2%"), ("test_loss", "test_loss", 9, ".4f"),
+           ("test_acc", "test_acc", 8, ".2%"), ("train_s", "train_s", 9, ".2f"), ("eval_s", None, 0, ""),
+           ("images_per_s", "img/s", 9, ".0f"))  # accuracies are fractions, times seconds
+METRICS = tuple(key for key, *_ in COLUMNS)
+
+
+def table_head() -> str:
+    return " ".join(f"{head:>{width}}" for _, head, width, _ in COLUMNS if head)
+
+
+def table_row(h: dict) -> str:
+    return " ".join(f"{h[key]:>{width}{fmt}}" for key, head, width, fmt in COLUMNS if head)
+
+
+def epoch_metrics(epoch: int, lr: float, loss_sum: float, correct: float, images: int, test_loss: float,
+                  test_acc: float, train_s: float, eval_s: float) -> dict:
+    """One epoch's row of METRICS: training sums over `images` as means, times in seconds."""
+    return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / images, "train_acc": correct / images,
+            "test_loss": test_loss, "test_acc": test_acc, "train_s": round(train_s, 4),
+            "eval_s": round(eval_s, 4), "images_per_s": round(images / train_s, 1)}
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:

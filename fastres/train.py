@@ -35,8 +35,8 @@ from .errors import BadInput, Diverged, Interrupted, OutputError
 from .evaluate import evaluate
 from .optim import EMA, lr_factor, make_criterion, make_optimizer
 from .progress import Progress, duration
-from .record import (CHECKPOINT, CURVES, METRICS_CSV, RECORD, RunRecord, TensorBoard, environment, plot_curves,
-                     write_metrics_csv)
+from .record import (CHECKPOINT, CURVES, METRICS_CSV, RECORD, RunRecord, TensorBoard, environment, epoch_metrics,
+                     plot_curves, table_head, table_row, write_metrics_csv)
 from .results import test_set_results
 from .rundir import StopRequest, atomic_write, load_checkpoint, open_run_dir, rng_state, set_rng_state
 from .step import build_step
@@ -57,12 +57,6 @@ class ResumeError(BadInput):
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-ROW = "{epoch:>5} {lr:>9.5f} {train_loss:>10.4f} {train_acc:>9.2%} {test_loss:>9.4f} {test_acc:>8.2%} " \
-      "{train_s:>9.2f} {images_per_s:>9.0f}"
-HEAD = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'test_loss':>9} {'test_acc':>8} " \
-       f"{'train_s':>9} {'img/s':>9}"
-
-
 def checkpoint_to_resume(ckpt_path: Path, model, cfg: Config, rt, log) -> dict | None:
     """The checkpoint --resume continues from, read onto the CPU (load_state_dict puts each tensor
     where the model's live, and RNG states must stay CPU ByteTensors), or None without one;
@@ -309,9 +303,9 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
     # its epochs (so that no run's first epoch is timed over another's warm-up).
     yield
     # --- epochs ------------------------------------------------------------------------------
-    log(HEAD)
+    log(table_head())
     for h in history:
-        log(ROW.format(**h))
+        log(table_row(h))
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -347,12 +341,10 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
             # num_test: the images evaluated (all ranks), not what the config or manifest says
             test_loss, test_acc, record["num_test"] = evaluate(eval_model, batches, rt, cfg.tta, dist)
             eval_s = time.perf_counter() - t0
-            n = seen_t.item()
-            h = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / n, "train_acc": correct.item() / n,
-                 "test_loss": test_loss, "test_acc": test_acc, "train_s": round(train_s, 4),
-                 "eval_s": round(eval_s, 4), "images_per_s": round(n / train_s, 1)}
+            h = epoch_metrics(epoch + 1, lr, loss_sum.item(), correct.item(), seen_t.item(), test_loss, test_acc,
+                              train_s, eval_s)
             history.append(h)
-            log(ROW.format(**h))
+            log(table_row(h))
             if len(history) == start_epoch + 1 and epoch + 1 < cfg.epochs:  # the first epoch of this process
                 left = (cfg.epochs - epoch - 1) * (train_s + eval_s)
                 log(f"measured {train_s + eval_s:.1f} s per epoch with evaluation: about {duration(left)} left "
