@@ -44,6 +44,8 @@ def add_checkpoints(p: argparse.ArgumentParser, data: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import runtime  # what each switch's auto resolves to, for --help
+
     # allow_abbrev=False: settings are parsed by fastres (--seed), so argparse must not take a
     # prefix of one of its own options for it (--seed would be read as --seeds)
     p = argparse.ArgumentParser(prog="fastres", allow_abbrev=False, description="Train and evaluate CIFAR-10 ResNets fast: by default the "
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "seconds in a log) and one table row per epoch; writes "
                                    "RUN_DIR/record.json, metrics.csv, curves.png and last.pt (RUN_DIR: "
                                    "--out, else a new runs/PRESET/DATE-TIME, linked as runs/latest).",
-                       epilog=TRAIN_EPILOG.format(settings=help_text(), presets=", ".join(PRESETS)))
+                       epilog=TRAIN_EPILOG.format(settings=help_text(runtime.AUTO), presets=", ".join(PRESETS)))
     t.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default: {DEFAULT_PRESET})")
     t.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR/last.pt (without --out: the run runs/latest points at)")

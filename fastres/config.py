@@ -68,11 +68,10 @@ class Config:
     loader_workers: int = -1              # FFCV decode threads per process; -1 = the process's CPU
                                           # threads (OMP_NUM_THREADS, else torch's default);
                                           # FFCV sets torch's thread count to it too
-    data_placement: str = "auto"          # stream = FFCV reads every epoch; device = both splits read
-                                          # once into uint8 tensors on the training device (240 MB
-                                          # for CIFAR-10's training set, held zero-padded for the
-                                          # crop), epochs permuted there; auto = device on one
-                                          # CUDA GPU, else stream (see fastres.runtime)
+    data_placement: str = "auto"          # auto | stream = FFCV reads every epoch | device = both
+                                          # splits read once into uint8 tensors on the training
+                                          # device (240 MB for CIFAR-10's training set, held
+                                          # zero-padded for the crop), epochs permuted there
     # --- optimization ----------------------------------------------------------------------
     epochs: int = 50                      # passes over the training set
     batch_size: int = 64                  # images per optimizer step, summed over all processes
@@ -97,24 +96,16 @@ class Config:
     # --- performance switches (resolved once, at start; see fastres.runtime) ---------------
     device: str = "auto"                  # auto | cpu | cuda
     channels_last: bool = True            # NHWC memory for activations and weights
-    amp: str = "auto"                     # auto | bf16 | fp16 | off (on = bf16): autocast precision; auto =
-                                          # bf16 on CUDA capability >= 8.0 and on CPUs with native bf16
-                                          # (AMX, AVX512-BF16), fp16 with dynamic loss scaling on older
-                                          # CUDA (T4, V100, P100), off on other CPUs
+    amp: str = "auto"                     # auto | bf16 | fp16 | off (on = bf16): autocast precision
     compile: str = "auto"                 # auto | off | default | reduce-overhead (CUDA graphs) | max-autotune
-                                          # | max-autotune-no-cudagraphs (auto on CUDA = default inside
-                                          # the whole step and under torchrun, reduce-overhead without
-                                          # the whole step; off on CPU and below CUDA capability 7.0,
-                                          # where Triton cannot compile; see fastres.runtime)
+                                          # | max-autotune-no-cudagraphs
     fused_bn_relu: bool = False           # Triton BN+ReLU and BN+add+ReLU kernels (CUDA; see kernels/)
     compile_augment: bool = True          # torch.compile the batched crop+flip+normalize into one
-                                          # fused kernel (2-core CPU: ~11 s once, ~1 s when cached;
-                                          # 1.1-1.4x the eager rate)
-    whole_step: str = "auto"              # auto | on | off: capture forward, backward, SGD (lr from a
+                                          # fused kernel (compiled once, then cached)
+    whole_step: str = "auto"              # auto | on | off: capture forward, backward, the optimizer (lr from a
                                           # device table of the schedule) and EMA as one CUDA graph,
                                           # replayed with one launch per step (fastres/step.py; CPU:
-                                          # same arithmetic, uncaptured; single process only); auto =
-                                          # on for CUDA in one process, off otherwise
+                                          # same arithmetic, uncaptured; single process only)
     sync_bn: bool = False                 # SyncBatchNorm across processes (distributed runs)
     # --- run -------------------------------------------------------------------------------
     seed: int = 0                         # model init, data order and augmentation
@@ -418,18 +409,19 @@ def describe(cfg: Config) -> str:
     return "\n".join(f"  {f.name:<18} = {json.dumps(getattr(cfg, f.name))}" for f in fields(cfg))
 
 
-def help_text() -> str:
-    """Every setting with its default and the comment beside it in Config, for --help."""
+def help_text(auto: dict[str, str] | None = None) -> str:
+    """Every setting with its default and the comment beside it in Config, for --help; auto: what
+    `auto` resolves to per setting (fastres.runtime.AUTO, beside the code that resolves it)."""
     import inspect
 
-    defaults = {f.name: f.default for f in fields(Config)}
-    lines = []
+    defaults, auto = {f.name: f.default for f in fields(Config)}, auto or {}
+    lines: dict[str, str] = {}  # setting -> its line
     for line in inspect.getsource(Config).splitlines():
         s = line.strip()
         name = s.split(":")[0]
         if name in defaults and name != "preset":
             comment = s.split("#", 1)[1].strip() if "#" in s else ""
-            lines.append(f"  --{name.replace('_', '-'):<20} {json.dumps(defaults[name]):<14} {comment}")
-        elif s.startswith("#") and lines and not s.startswith("# ---"):
-            lines[-1] += " " + s.lstrip("# ")
-    return "\n".join(lines)
+            lines[name] = f"  --{name.replace('_', '-'):<20} {json.dumps(defaults[name]):<14} {comment}"
+        elif s.startswith("#") and lines and not s.startswith("# ---"):  # the comment goes on
+            lines[next(reversed(lines))] += " " + s.lstrip("# ")
+    return "\n".join(line + (f"; auto = {auto[name]}" if name in auto else "") for name, line in lines.items())

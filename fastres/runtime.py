@@ -167,6 +167,13 @@ def check_before_work(cfg: Config, local_rank: int = 0) -> None:
     check(cfg, Gpu.of(dev) if dev.type == "cuda" else None)
 
 
+# What `auto` resolves to, in words, for --help: each beside the function that implements it.
+AUTO: dict[str, str] = {}
+
+AUTO["amp"] = ("bf16 on CUDA capability >= 8.0 and on CPUs with native bf16 (AMX, AVX512-BF16), fp16 with "
+               "dynamic loss scaling on older CUDA GPUs (T4, V100, P100), off on other CPUs")
+
+
 def resolve_amp(cfg: Config, gpu: Gpu | None) -> tuple[torch.dtype | None, dict]:
     """--amp: bf16 where the device computes it natively, fp16 with loss scaling on older CUDA."""
     fixed = {"bf16": torch.bfloat16, "on": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -185,6 +192,9 @@ def resolve_amp(cfg: Config, gpu: Gpu | None) -> tuple[torch.dtype | None, dict]
     return dtype, {"amp": names[dtype], "amp_why": why}
 
 
+AUTO["whole_step"] = "on for one CUDA GPU in one process, off otherwise (CPU, torchrun)"
+
+
 def resolve_whole_step(cfg: Config, gpu: Gpu | None, one_gpu: bool, world: int) -> tuple[bool, dict]:
     if cfg.whole_step == "on" and world > 1:
         return False, {"whole_step": "off: requested, but DDP's gradient all-reduce is not captured; "
@@ -200,6 +210,10 @@ def resolve_whole_step(cfg: Config, gpu: Gpu | None, one_gpu: bool, world: int) 
     if cfg.whole_step == "auto" and gpu:
         s["whole_step_why"] = f"--whole-step auto: off under torchrun on the {gpu} (DDP's all-reduce is not captured)"
     return False, s
+
+
+AUTO["compile"] = ("on CUDA default inside the whole step and under torchrun, reduce-overhead without the "
+                   "whole step; off on CPU and below CUDA capability 7.0, where Triton cannot compile")
 
 
 def resolve_compile(cfg: Config, gpu: Gpu | None, whole: bool, world: int) -> tuple[str | None, bool, dict]:
@@ -245,6 +259,12 @@ def resident_bytes(cfg: Config) -> int:
                + 4 * widest_map * cfg.eval_batch_size + 5 * s["params_mb"] * 1e6)
 
 
+RESIDENT_SHARE = 0.8  # of a GPU's memory that resident data and training may take: the rest is left
+                      # for cuDNN's workspaces, the allocator and the CUDA context
+AUTO["data_placement"] = (f"device on one CUDA GPU where images and training fit in {RESIDENT_SHARE:.0%} of its "
+                          "memory, else stream")
+
+
 def resolve_placement(cfg: Config, gpu: Gpu | None, one_gpu: bool) -> tuple[str, dict]:
     if cfg.data_placement != "auto":
         return cfg.data_placement, {"data_placement": cfg.data_placement}
@@ -252,7 +272,7 @@ def resolve_placement(cfg: Config, gpu: Gpu | None, one_gpu: bool) -> tuple[str,
         where = f"under torchrun on the {gpu}" if gpu else f"on this {cpu_name()}"
         return "stream", {"data_placement": "stream", "data_placement_why": f"--data-placement auto: stream {where}"}
     need, have = resident_bytes(cfg), gpu.memory_bytes
-    if need > 0.8 * have:  # leave a fifth for cuDNN's workspaces, the allocator and the CUDA context
+    if need > RESIDENT_SHARE * have:
         return "stream", {"data_placement": "stream", "data_placement_why": (
             f"--data-placement auto: stream, since resident data and training need about {need / 2**30:.1f} GiB "
             f"and the {gpu} has {have / 2**30:.1f} GiB")}

@@ -185,3 +185,21 @@ def test_a_thin_model_trains_with_the_default_switches(small_data, tmp_path):
     s = record(tmp_path / "r")["switches"]
     assert s["channels_last"] is cpu_has_avx512() and ("channels_last_why" in s) is not cpu_has_avx512()
 
+
+
+def test_help_says_what_auto_resolves_to_from_beside_the_resolution(capsys):
+    """`fastres train --help` takes each switch's `auto` rule from runtime.AUTO, written beside the
+    function that resolves it, so the two cannot drift apart; every switch with an auto has one."""
+    from dataclasses import fields
+
+    from fastres import runtime
+    from fastres.cli import main
+    from fastres.config import Config
+
+    autos = {f.name for f in fields(Config) if f.default == "auto" and f.name != "device"}
+    assert set(runtime.AUTO) == autos
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, rule in runtime.AUTO.items():
+        assert f"auto = {' '.join(rule.split())}" in text, name
