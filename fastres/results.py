@@ -133,14 +133,18 @@ def plot_mistakes(images: torch.Tensor, labels: torch.Tensor, logp: torch.Tensor
     worst = wrong[conf[wrong].argsort(descending=True)[:count]]
     cols = 8
     rows = max(1, math.ceil(len(worst) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9 + 0.6), squeeze=False)
+    # fixed margins, and labels as text rather than axes titles: matplotlib lays out 32 titled
+    # axes in about a second, most of this plot's time
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / (rows * 1.9 + 0.6), hspace=0.45,
+                        wspace=0.1)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, worst.tolist()):
         ax.imshow(images[i].cpu().numpy())
-        ax.set_title(f"{names[labels[i]]}\n-> {names[pred[i]]} {conf[i]:.0%}", fontsize=7)
+        ax.text(0.5, 1.03, f"{names[labels[i]]}\n-> {names[pred[i]]} {conf[i]:.0%}", fontsize=7,
+                ha="center", va="bottom", transform=ax.transAxes)
     fig.suptitle(f"most confident mistakes{': ' + title if title else ''} (true -> predicted, probability)"
                  + ("" if len(worst) else ": none"), fontsize=9)
-    fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
