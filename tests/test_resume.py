@@ -15,7 +15,8 @@ import torch
 from conftest import REPO, run_cli
 
 EPOCHS = 3  # killed after epoch 1's checkpoint, killed again after epoch 2's, resumed to the end
-BASE = ["--depth", "8", "--train-limit", "1000", "--epochs", str(EPOCHS), "--batch-size", "100", "--loader-workers", "2"]
+BASE = ["--depth", "8", "--train-limit", "1000", "--test-limit", "200", "--epochs", str(EPOCHS), "--batch-size", "100",
+        "--loader-workers", "2"]
 SETTINGS = {
     # What the tuned recipe uses: EMA (with its warm-up), lr warm-up, per-step cosine, Nesterov,
     # label smoothing; and the compiled augmentation.
@@ -24,18 +25,16 @@ SETTINGS = {
     # The paper's schedule: CosineAnnealingLR stepped per epoch; data held on the device.
     "cosine_epoch_resident_data": ["--preset", "paper", "--lr", "0.05", "--compile-augment", "false",
                                    "--data-placement", "device"],
-    # AdamW through the whole step's own update (uncaptured on a CPU), with cutout, mixup and
-    # cutmix (their draws: the epoch's generator, and (seed, epoch, step)). Adam's and the usual
-    # step's resume: test_optimizers.py (the whole step's state loaded into torch's AdamW).
-    "adamw_whole_step_cutout_mixup_cutmix": ["--preset", "paper", "--optimizer", "adamw", "--lr", "0.002",
-                                             "--weight-decay", "0.05", "--cutout", "8", "--mixup", "0.4",
-                                             "--cutmix", "1.0", "--whole-step", "on", "--compile-augment", "false"],
-    # fp16 with loss scaling in the whole step: the scaler's state, the skipped steps, and Adam's
-    # step count, which skipped steps do not advance. A smaller model and fewer images: a CPU
-    # without fp16 arithmetic emulates it (about 4x slower than fp32 here).
-    "adam_fp16_whole_step": ["--preset", "paper", "--optimizer", "adam", "--lr", "0.002", "--amp", "fp16",
-                             "--whole-step", "on", "--widths", "8,16,32", "--train-limit", "400", "--batch-size", "50",
-                             "--compile-augment", "false"],
+    # AdamW through the whole step's own update (uncaptured on a CPU) in fp16 with loss scaling,
+    # with cutout, mixup and cutmix: the scaler's state, the skipped steps, Adam's step count
+    # (which skipped steps do not advance) and the augmentations' draws (the epoch's generator,
+    # and (seed, epoch, step)). Adam's and the usual step's resume: test_optimizers.py (the whole
+    # step's state loaded into torch's Adam/AdamW). A smaller model and fewer images: a CPU without
+    # fp16 arithmetic emulates it (about 4x slower than fp32 here).
+    "adamw_fp16_whole_step_cutout_mixup_cutmix": [
+        "--preset", "paper", "--optimizer", "adamw", "--lr", "0.002", "--weight-decay", "0.05", "--amp", "fp16",
+        "--whole-step", "on", "--cutout", "8", "--mixup", "0.4", "--cutmix", "1.0", "--widths", "8,16,32",
+        "--train-limit", "400", "--batch-size", "50", "--compile-augment", "false"],
 }
 
 
