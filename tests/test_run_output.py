@@ -86,7 +86,8 @@ def test_compare_prints_a_table_and_draws_accuracy_against_time(small_data, tmp_
     runs = []
     for lr in ("0.1", "0.05"):  # trained here (the command's own test is test_train's); compared by the command
         out = tmp_path / f"lr{lr}"
-        o = parse_overrides(TINY[2:] + ["--data", str(small_data), "--out", str(out), "--epochs", "2", "--lr", lr])
+        o = parse_overrides(TINY[2:] + ["--data", str(small_data), "--out", str(out), "--epochs", "2", "--lr", lr,
+                                        "--train-limit", "600", "--test-limit", "200"])
         train(make_config("smoke", o), log=lambda *a, **k: None)
         runs.append(out)
     png = tmp_path / "cmp.png"
