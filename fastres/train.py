@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import io
 import signal
 import statistics
@@ -162,21 +164,33 @@ def drive(steps) -> dict:
             pending = k
 
 
-def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest, t_start: float,
-        on_epoch=None, progress: bool = True, shared_data: dict | None = None):
-    """The run, top to bottom, as a generator that yields once set up and warmed up, then after
-    every training step (so that several runs can be advanced in turn: train_packed), and returns
-    the record. Its phases: set up
-    (switches, data, model, optimizer, schedule, step), check the checkpoint to resume, warm up,
-    resume, then per epoch train, evaluate, checkpoint, record; finish. progress=False: no bar or
-    progress lines (a packed group shows one line for all its runs); shared_data: resident data
-    already on the device, shared by the runs of a packed group (see Batches)."""
-    on_epoch = on_epoch or (lambda row: None)
+@dataclasses.dataclass
+class Parts:
+    """What set_up builds for a run: the resolved switches, the data, the model and what trains and
+    evaluates it (eval_model: the EMA's weights when there is an EMA, compiled as the switches say)."""
+    rt: runtime.Runtime
+    rank_batch: int        # images per step in this process
+    batches: Batches
+    design: dict           # parameters and multiply-adds (design.summarize)
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA
+    step: object           # TrainStep or WholeStep
+    eval_model: torch.nn.Module
+
+    @property
+    def steps(self) -> int:
+        return len(self.batches)
+
+
+def set_up(cfg: Config, dist: Dist, log, shared_data: dict | None) -> Parts:
+    """Switches, data, model, optimizer, schedule, EMA and the training step; the config and what
+    each switch resolved to are printed first."""
     rt = runtime.resolve(cfg, dist.local_rank, dist.world)
     if cfg.batch_size % dist.world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
     rank_batch = cfg.batch_size // dist.world
-
     log(f"fastres: preset {cfg.preset!r}, resolved config:")
     log(describe(cfg))
     # One line of what each switch became; the reasons below it (a fallback's reason once).
@@ -187,8 +201,6 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
             log(f"  {k}: {v}")
     if dist.world > 1:
         log(f"distributed: world {dist.world}, backend {dist.backend}, per-rank batch {rank_batch}")
-
-    # --- set up: data --------------------------------------------------------------------------
     ensure_data(cfg, dist, log)
     batches = Batches(cfg.data, rank_batch, cfg.eval_batch_size, rt.device, cfg.seed,
                       train_limit=cfg.train_limit or None, test_limit=cfg.test_limit or None,
@@ -199,197 +211,226 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
     steps = len(batches)
     if steps == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {batches.num_train} training images")
-
-    # --- model, optimizer, schedule, EMA -------------------------------------------------------
     design = summarize(cfg)  # parameters and multiply-accumulates per image (torchinfo, on the CPU)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, rt)
-    n_params = design["trainable_parameters"]
-    log(f"model: {describe_model(cfg)}, {n_params:,} trainable parameters, {design['macs'] / 1e6:,.1f} M "
-        f"multiply-adds per image; data: {batches.num_train:,} train / {batches.num_test:,} test images, "
-        f"{steps} steps/epoch")
+    log(f"model: {describe_model(cfg)}, {design['trainable_parameters']:,} trainable parameters, "
+        f"{design['macs'] / 1e6:,.1f} M multiply-adds per image; data: {batches.num_train:,} train / "
+        f"{batches.num_test:,} test images, {steps} steps/epoch")
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps))
     ema = EMA(model, cfg.ema)
-    criterion = make_criterion(cfg)
     train_model = rt.compile(dist.wrap(model, rt.device))
     # Evaluation runs on each rank's own test shard without DDP (whose forward would broadcast
     # buffers in lockstep); a single process without EMA reuses the training graph.
     eval_model = train_model if (cfg.ema == 0 and dist.world == 1) else rt.compile(ema.model)
+    step = build_step(cfg, rt, model, train_model, opt, sched, ema, make_criterion(cfg), steps)
+    return Parts(rt, rank_batch, batches, design, model, opt, sched, ema, step, eval_model)
 
-    step = build_step(cfg, rt, model, train_model, opt, sched, ema, criterion, steps)
 
-    # --- the checkpoint to resume from, checked now rather than after a long warm-up ------------
-    ckpt_path = out / CHECKPOINT
-    ck = checkpoint_to_resume(ckpt_path, model, cfg, rt, log) if resume else None
-
-    start_epoch = ck["epoch"] if ck is not None else 0
-
-    # --- warm-up: compile and autotune on random data, then put everything back ----------------
+def warm_up_and_estimate(p: Parts, cfg: Config, epochs_left: int, log) -> tuple[float, float]:
+    """warm_up, then print the run's estimated duration; (warm-up s, one epoch's evaluation s)."""
     def eval_forward(x_eval):
-        with torch.no_grad(), rt.autocast():
-            eval_model.eval()
-            eval_model(x_eval)
+        with torch.no_grad(), p.rt.autocast():
+            p.eval_model.eval()
+            p.eval_model(x_eval)
             if cfg.tta:
-                eval_model(x_eval.flip(3))
+                p.eval_model(x_eval.flip(3))
 
-    warmup_s, step_s, eval_est_s = warm_up(step, (model, opt, sched, ema), batches, rt, rank_batch,
-                                           min(cfg.eval_batch_size, batches.num_test), eval_forward)
-    epochs_left = cfg.epochs - start_epoch
-    estimate_s = (step_s * steps + eval_est_s) * epochs_left
+    warmup_s, step_s, eval_est_s = warm_up(p.step, (p.model, p.opt, p.sched, p.ema), p.batches, p.rt,
+                                           p.rank_batch, min(cfg.eval_batch_size, p.batches.num_test), eval_forward)
+    estimate_s = (step_s * p.steps + eval_est_s) * epochs_left
     log(f"warm-up (compile/autotune) {warmup_s:.1f} s; estimated time for {epochs_left} epoch(s): "
         f"{duration(estimate_s)} (training at a median {step_s * 1000:.0f} ms/step of 5 timed steps, "
         f"evaluation {duration(eval_est_s)} per epoch)")
-    if rt.device.type == "cpu" and estimate_s > 30 * 60:
+    if p.rt.device.type == "cpu" and estimate_s > 30 * 60:
         log(f"NOTE: no GPU; this run will take about {estimate_s / 3600:.1f} h on this CPU (estimate). "
             "For a run of a few minutes use --preset smoke.")
-    rt_sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
-    if stop.signum:  # Ctrl-C during the warm-up: nothing of this run was written yet
-        raise Interrupted("stopped before training started; nothing was written", stop.signum)
+    return warmup_s, eval_est_s
 
-    # --- resume ------------------------------------------------------------------------------
-    history = []
-    if ck is not None:
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"]), ema.load_state_dict(ck["ema"])
-        ema.updates = ck.get("ema_updates", 0)
-        step.load_scaling_state(ck.get("loss_scaling", {}))
-        step.after_load()
-        set_rng_state(ck["rng"])
-        history = ck["history"]
-        log(f"resumed from {ckpt_path} after epoch {start_epoch}")
-        del ck
 
-    record = RunRecord(out / RECORD, dist.main, {
-        "config": cfg.to_dict(), "switches": rt.summary, "environment": environment(rt), "parameters": n_params,
-        "macs": design["macs"], "num_train": batches.num_train, "num_test": batches.num_test, "steps_per_epoch": steps,
-        "world_size": dist.world, "backend": dist.backend, "per_rank_batch": rank_batch,
-        "warmup_s": round(warmup_s, 3)}, step, rt.device, t_start, start_epoch if resume else None)
-    save_record = lambda status: record.save(status, history)  # noqa: E731 (the run's history, as it grows)
+def restore(p: Parts, ck: dict) -> list[dict]:
+    """Put a checkpoint's state into the run's parts; the epochs' history it holds."""
+    p.model.load_state_dict(ck["model"]), p.opt.load_state_dict(ck["optimizer"])
+    p.sched.load_state_dict(ck["scheduler"]), p.ema.load_state_dict(ck["ema"])
+    p.ema.updates = ck.get("ema_updates", 0)
+    p.step.load_scaling_state(ck.get("loss_scaling", {}))
+    p.step.after_load()
+    set_rng_state(ck["rng"])
+    return ck["history"]
 
-    def interrupted(where: str) -> Interrupted:
-        save_record("interrupted")
-        kept = (f"{ckpt_path} holds epoch {history[-1]['epoch']} and resumes from there" if history
-                else "no checkpoint of this run was written yet")
-        e = Interrupted(f"stopped {where}; {kept}", stop.signum or signal.SIGINT)
-        e.run_dir = out
+
+def save_checkpoint(p: Parts, cfg: Config, history: list[dict], path: Path) -> None:
+    """Everything a resume needs after the epoch history ends with, written atomically."""
+    ck = {"model": p.model.state_dict(), "optimizer": p.opt.state_dict(), "scheduler": p.sched.state_dict(),
+          "ema": p.ema.state_dict(), "ema_updates": p.ema.updates, "epoch": history[-1]["epoch"],
+          "config": cfg.to_dict(), "data_placement": p.rt.data_placement, "history": history,
+          "rng": rng_state(), "amp": p.rt.summary["amp"], "loss_scaling": p.step.scaling_state(),
+          "normalization": {k: p.batches.manifest[k] for k in ("mean", "std")}}  # for predict
+    # Serialized in memory first (a few MB), so that a failed write reports the OS's reason (disk
+    # full, file too large) rather than torch's zip writer's.
+    blob = io.BytesIO()
+    torch.save(ck, blob)
+    atomic_write(path, lambda f: f.write_bytes(blob.getbuffer()))
+
+
+class Stops:
+    """How a run stops early: interrupted (Ctrl-C, SIGTERM) or diverged, each recorded in
+    record.json with a message that says which checkpoint is kept."""
+
+    def __init__(self, record: RunRecord, history: list[dict], out: Path, stop: StopRequest):
+        self.record, self.history, self.out, self.stop = record, history, out, stop
+
+    def interrupted(self, where: str) -> Interrupted:
+        self.record.save("interrupted", self.history)
+        kept = (f"{self.out / CHECKPOINT} holds epoch {self.history[-1]['epoch']} and resumes from there"
+                if self.history else "no checkpoint of this run was written yet")
+        e = Interrupted(f"stopped {where}; {kept}", self.stop.signum or signal.SIGINT)
+        e.run_dir = self.out
         return e
 
-    def diverged(what: str) -> NonFiniteLoss:
-        save_record("diverged")
-        kept = (f"the last good checkpoint {ckpt_path} (after epoch {history[-1]['epoch']}) is kept" if history
-                else "no checkpoint of this run was written")
+    def diverged(self, what: str) -> NonFiniteLoss:
+        self.record.save("diverged", self.history)
+        kept = (f"the last good checkpoint {self.out / CHECKPOINT} (after epoch {self.history[-1]['epoch']}) is "
+                "kept" if self.history else "no checkpoint of this run was written")
         return NonFiniteLoss(f"{what}; stopped: {kept}. Lower --lr or check the data.")
 
-    def status(bar: Progress, epoch: int) -> str:
-        """images/s so far in this epoch; time left in it and in the run (estimates)."""
-        per_step = (time.perf_counter() - bar.t0) / max(1, bar.n)
-        eval_s = history[-1]["eval_s"] if len(history) > start_epoch else eval_est_s
-        epoch_left = per_step * (steps - bar.n)
-        run_left = epoch_left + eval_s + (cfg.epochs - epoch - 1) * (per_step * steps + eval_s)
-        return (f"{rank_batch * dist.world / per_step:,.0f} img/s, epoch ETA {duration(epoch_left)}, "
-                f"run ETA {duration(run_left)}")
 
-    tb = TensorBoard(cfg, out, dist.main, log)
-
-    # A stop request is honoured between steps: every step in a single process; every 25 steps,
-    # agreed over all ranks, under torchrun (so that all ranks stop at the same step).
+def train_epoch(p: Parts, cfg: Config, epoch: int, dist: Dist, stops: Stops, bar_status, progress: bool, log):
+    """One epoch's training steps, yielding after each (train_packed advances other runs then);
+    returns (lr, loss sum, correct predictions, images, seconds), summed over all processes. A stop
+    request is honoured between steps: every step in one process; every 25 steps, agreed over all
+    ranks, under torchrun (so that all ranks stop at the same step)."""
     def stop_now(synced: bool) -> bool:
         if dist.world == 1:
-            return stop.signum != 0
-        return synced and dist.sum(torch.tensor(int(stop.signum != 0), device=rt.device)).item() > 0
+            return stops.stop.signum != 0
+        return synced and dist.sum(torch.tensor(int(stops.stop.signum != 0), device=p.rt.device)).item() > 0
 
-    # Set up, warmed up and resumed: a packed group brings all its runs here before any starts
-    # its epochs (so that no run's first epoch is timed over another's warm-up).
-    yield
-    # --- epochs ------------------------------------------------------------------------------
+    sync = torch.cuda.synchronize if p.rt.device.type == "cuda" else (lambda: None)
+    p.model.train()
+    lr = p.opt.param_groups[0]["lr"]
+    p.step.reset()  # the epoch's loss and accuracy sums, kept on the device by the step
+    seen = 0
+    sync()
+    t0 = time.perf_counter()
+    # A live bar on a terminal; in a log, a line every cfg.progress_s seconds.
+    bar = Progress(p.batches.train_epoch(epoch), p.steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress_s,
+                   status=lambda: bar_status(bar), log=log, enabled=dist.main and progress)
+    for i, (x, y) in enumerate(bar):
+        p.step(x, y)
+        yield  # the step is queued: another run may take its turn (train_packed)
+        seen += y.shape[0]  # images (y is (N, classes) under mixup/cutmix)
+        synced = (i + 1) % 25 == 0 or i + 1 == p.steps  # one host sync per 25 steps
+        if stop_now(synced):
+            raise stops.interrupted(f"in epoch {epoch + 1} after step {i + 1} of {p.steps}")
+        if synced and not torch.isfinite(p.step.loss_sum):
+            raise stops.diverged(f"non-finite training loss at epoch {epoch + 1}, step {i + 1} (lr {lr:g})")
+    sync()
+    train_s = time.perf_counter() - t0
+    # A finite loss can hide overflowed state (bf16 activations whose variance overflows BN's
+    # running_var to inf): no checkpoint is written of a model that is not finite.
+    state = [t for t in p.model.state_dict().values() if t.is_floating_point()]
+    if not torch.stack([torch.isfinite(t).all() for t in state]).all():  # one host sync
+        raise stops.diverged(f"non-finite weights or BN statistics after epoch {epoch + 1} (lr {lr:g})")
+    seen_t = dist.sum(torch.tensor(seen, device=p.rt.device))
+    loss_sum, correct = p.step.loss_sum.clone(), p.step.correct.clone()
+    dist.sum(loss_sum), dist.sum(correct)
+    return lr, loss_sum.item(), correct.item(), seen_t.item(), train_s
+
+
+def status_line(bar: Progress, epoch: int, steps: int, epochs: int, images_per_step: int, eval_s: float) -> str:
+    """images/s so far in this epoch; time left in it and in the run (estimates)."""
+    per_step = (time.perf_counter() - bar.t0) / max(1, bar.n)
+    epoch_left = per_step * (steps - bar.n)
+    run_left = epoch_left + eval_s + (epochs - epoch - 1) * (per_step * steps + eval_s)
+    return f"{images_per_step / per_step:,.0f} img/s, epoch ETA {duration(epoch_left)}, run ETA {duration(run_left)}"
+
+
+def finish(p: Parts, cfg: Config, out: Path, record: RunRecord, history: list[dict], warmup_s: float, log) -> None:
+    """Per-class accuracy, confusion matrix and mistakes of the model the run evaluated; the last lines."""
+    per_class = test_set_results(out, [p.eval_model], p.batches.test_set(), p.batches.mean, p.batches.std, p.rt,
+                                 cfg.tta, describe_model(cfg), cfg.eval_batch_size)["per_class_acc"]
+    record["per_class_acc"] = per_class
+    record.save("finished", history)
+    log("per class: " + ", ".join(f"{n} {a:.1%}" for n, a in per_class.items()) +
+        f" (confusion matrix and mistakes: {out / 'confusion.png'}, {out / 'mistakes.png'})")
+    log(f"final test accuracy {history[-1]['test_acc']:.2%}; training {record['train_s_total']:.1f} s, "
+        f"evaluation {record['eval_s_total']:.1f} s, warm-up {warmup_s:.1f} s; record: {out / RECORD}")
+
+
+def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest, t_start: float,
+        on_epoch=None, progress: bool = True, shared_data: dict | None = None):
+    """The run, top to bottom, as a generator that yields once set up and warmed up, then after
+    every training step (so that several runs can be advanced in turn: train_packed), and returns
+    the record: set up; check the checkpoint to resume (before a long warm-up); warm up; resume;
+    per epoch train, evaluate, checkpoint, record; finish. progress=False: no bar or progress
+    lines (a packed group shows one line for all its runs); shared_data: resident data already
+    on the device, shared by the runs of a packed group (see Batches)."""
+    on_epoch = on_epoch or (lambda row: None)
+    p = set_up(cfg, dist, log, shared_data)
+    ck = checkpoint_to_resume(out / CHECKPOINT, p.model, cfg, p.rt, log) if resume else None
+    start_epoch = ck["epoch"] if ck is not None else 0
+    warmup_s, eval_est_s = warm_up_and_estimate(p, cfg, cfg.epochs - start_epoch, log)
+    if stop.signum:  # Ctrl-C during the warm-up: nothing of this run was written yet
+        raise Interrupted("stopped before training started; nothing was written", stop.signum)
+    history = restore(p, ck) if ck is not None else []
+    if ck is not None:
+        log(f"resumed from {out / CHECKPOINT} after epoch {start_epoch}")
+        del ck
+    record = RunRecord(out / RECORD, dist.main, {
+        "config": cfg.to_dict(), "switches": p.rt.summary, "environment": environment(p.rt),
+        "parameters": p.design["trainable_parameters"], "macs": p.design["macs"], "num_train": p.batches.num_train,
+        "num_test": p.batches.num_test, "steps_per_epoch": p.steps, "world_size": dist.world,
+        "backend": dist.backend, "per_rank_batch": p.rank_batch, "warmup_s": round(warmup_s, 3)},
+        p.step, p.rt.device, t_start, start_epoch if resume else None)
+    stops, tb = Stops(record, history, out, stop), TensorBoard(cfg, out, dist.main, log)
+    yield  # set up, warmed up and resumed: a packed group brings all its runs here before any
+    # starts its epochs (so that no run's first epoch is timed over another's warm-up)
     log(table_head())
     for h in history:
         log(table_row(h))
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            lr = opt.param_groups[0]["lr"]
-            step.reset()  # the epoch's loss and accuracy sums, kept on the device by the step
-            seen = 0
-            rt_sync()
-            t0 = time.perf_counter()
-            # A live bar on a terminal; in a log, a line every cfg.progress_s seconds.
-            bar = Progress(batches.train_epoch(epoch), steps, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress_s,
-                           status=lambda: status(bar, epoch), log=log, enabled=dist.main and progress)
-            for i, (x, y) in enumerate(bar):
-                step(x, y)
-                yield  # the step is queued: another run may take its turn (train_packed)
-                seen += y.shape[0]  # images (y is (N, classes) under mixup/cutmix)
-                synced = (i + 1) % 25 == 0 or i + 1 == steps  # one host sync per 25 steps
-                if stop_now(synced):
-                    raise interrupted(f"in epoch {epoch + 1} after step {i + 1} of {steps}")
-                if synced and not torch.isfinite(step.loss_sum):
-                    raise diverged(f"non-finite training loss at epoch {epoch + 1}, step {i + 1} (lr {lr:g})")
-            rt_sync()
-            train_s = time.perf_counter() - t0
-            # A finite loss can hide overflowed state (bf16 activations whose variance overflows
-            # BN's running_var to inf): no checkpoint is written of a model that is not finite.
-            state = [t for t in model.state_dict().values() if t.is_floating_point()]
-            if not torch.stack([torch.isfinite(t).all() for t in state]).all():  # one host sync
-                raise diverged(f"non-finite weights or BN statistics after epoch {epoch + 1} (lr {lr:g})")
-            seen_t = dist.sum(torch.tensor(seen, device=rt.device))
-            loss_sum, correct = step.loss_sum.clone(), step.correct.clone()
-            dist.sum(loss_sum), dist.sum(correct)
+            eval_s = history[-1]["eval_s"] if len(history) > start_epoch else eval_est_s  # for the ETA
+            bar_status = functools.partial(status_line, epoch=epoch, steps=p.steps, epochs=cfg.epochs,
+                                           images_per_step=cfg.batch_size, eval_s=eval_s)
+            lr, loss_sum, correct, images, train_s = yield from train_epoch(p, cfg, epoch, dist, stops, bar_status,
+                                                                            progress, log)
             t0 = time.perf_counter()
             # num_test: the images evaluated (all ranks), not what the config or manifest says
-            test_loss, test_acc, record["num_test"] = evaluate(eval_model, batches, rt, cfg.tta, dist)
-            eval_s = time.perf_counter() - t0
-            h = epoch_metrics(epoch + 1, lr, loss_sum.item(), correct.item(), seen_t.item(), test_loss, test_acc,
-                              train_s, eval_s)
+            test_loss, test_acc, record["num_test"] = evaluate(p.eval_model, p.batches, p.rt, cfg.tta, dist)
+            h = epoch_metrics(epoch + 1, lr, loss_sum, correct, images, test_loss, test_acc, train_s,
+                              time.perf_counter() - t0)
             history.append(h)
             log(table_row(h))
             if len(history) == start_epoch + 1 and epoch + 1 < cfg.epochs:  # the first epoch of this process
-                left = (cfg.epochs - epoch - 1) * (train_s + eval_s)
-                log(f"measured {train_s + eval_s:.1f} s per epoch with evaluation: about {duration(left)} left "
-                    f"(estimate, ends about {time.strftime('%H:%M', time.localtime(time.time() + left))})")
-            step.sync_host()  # host counters the device kept (the EMA's, under loss scaling)
+                left = (cfg.epochs - epoch - 1) * (train_s + h["eval_s"])
+                log(f"measured {train_s + h['eval_s']:.1f} s per epoch with evaluation: about {duration(left)} "
+                    f"left (estimate, ends about {time.strftime('%H:%M', time.localtime(time.time() + left))})")
+            p.step.sync_host()  # host counters the device kept (the EMA's, under loss scaling)
             if dist.main:
-                ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "ema": ema.state_dict(), "ema_updates": ema.updates, "epoch": epoch + 1,
-                      "config": cfg.to_dict(), "data_placement": rt.data_placement, "history": history,
-                      "rng": rng_state(), "amp": rt.summary["amp"], "loss_scaling": step.scaling_state(),
-                      "normalization": {k: batches.manifest[k] for k in ("mean", "std")}}  # for predict
-                # Serialized in memory first (a few MB), so that a failed write reports the OS's
-                # reason (disk full, file too large) rather than torch's zip writer's.
-                blob = io.BytesIO()
-                torch.save(ck, blob)
-                atomic_write(ckpt_path, lambda p: p.write_bytes(blob.getbuffer()))
-                save_record("running" if epoch + 1 < cfg.epochs else "finished")
+                save_checkpoint(p, cfg, history, out / CHECKPOINT)
+                record.save("running" if epoch + 1 < cfg.epochs else "finished", history)
                 write_metrics_csv(history, out / METRICS_CSV)
                 plot_curves(history, out / CURVES, f"{describe_model(cfg)}, preset {cfg.preset}")
                 tb.add(h)
             dist.barrier()
             ended = on_epoch(h)
             if ended:  # asked to end here (a pruned sweep trial): the checkpoint of this epoch stays
-                save_record(ended)
+                record.save(ended, history)
                 log(f"ended after epoch {epoch + 1} of {cfg.epochs}: {ended}")
                 tb.close()
                 dist.close()
                 return record
     except KeyboardInterrupt:  # Ctrl-C pressed twice: stop at once (a checkpoint write in flight is dropped)
-        raise interrupted(f"during epoch {epoch + 1}") from None
+        raise stops.interrupted(f"during epoch {epoch + 1}") from None
     except OutputError:
         with contextlib.suppress(OutputError):
-            save_record("output_error")
+            record.save("output_error", history)
         raise
-
     tb.close()
-    if dist.main:  # per-class accuracy, confusion matrix and mistakes of the model the run evaluated
-        per_class = test_set_results(out, [eval_model], batches.test_set(), batches.mean, batches.std, rt, cfg.tta,
-                                     describe_model(cfg), cfg.eval_batch_size)["per_class_acc"]
-        record["per_class_acc"] = per_class
-        save_record("finished")
-        log("per class: " + ", ".join(f"{n} {a:.1%}" for n, a in per_class.items()) +
-            f" (confusion matrix and mistakes: {out / 'confusion.png'}, {out / 'mistakes.png'})")
-        log(f"final test accuracy {history[-1]['test_acc']:.2%}; training {record['train_s_total']:.1f} s, "
-            f"evaluation {record['eval_s_total']:.1f} s, warm-up {warmup_s:.1f} s; record: {out / RECORD}")
+    if dist.main:
+        finish(p, cfg, out, record, history, warmup_s, log)
     dist.close()
     return record
-
