@@ -43,15 +43,9 @@ def add_checkpoints(p: argparse.ArgumentParser, data: str) -> None:
     p.add_argument("--data", default=None, help=data)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_train(sub) -> None:
     from . import runtime  # what each switch's auto resolves to, for --help
 
-    # allow_abbrev=False: settings are parsed by fastres (--seed), so argparse must not take a
-    # prefix of one of its own options for it (--seed would be read as --seeds)
-    p = argparse.ArgumentParser(prog="fastres", allow_abbrev=False, description="Train and evaluate CIFAR-10 ResNets fast: by default the "
-                                "ResNet-68 of 'Optimizing ResNet Architecture for CIFAR-10 Classification' "
-                                "(Chen and Ge, NYU).")
-    sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", allow_abbrev=False, help="train a model (default: the paper preset)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a CIFAR-10 ResNet. Prints the resolved config, an estimate of the "
@@ -68,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pack", type=int, default=1, metavar="K",
                    help="with --seeds: train K runs at once in this process, advanced in turn (one CUDA "
                         "stream each on a GPU); default 1: one after another")
+
+
+def add_eval(sub) -> None:
     e = sub.add_parser("eval", allow_abbrev=False, help="test accuracy of checkpoints, alone and as an ensemble",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Test loss and accuracy of each checkpoint and, for several, of their ensemble "
@@ -81,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoints(e, data="folder with the .beton files (default: the first run's)")
     e.add_argument("--out", default=None, help="where the per-class results go (default: RUN_DIR/eval for one "
                                                "checkpoint, ./eval-ensemble for several)")
+
+
+def add_predict(sub) -> None:
     pr = sub.add_parser("predict", allow_abbrev=False, help="label images without labels (a hidden test set) as a CSV",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Labels for images with one checkpoint or an ensemble of several (the mean of "
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   ".csv (ID and a column per class)")
     pr.add_argument("--names", action="store_true", help="class names (airplane, ...) instead of indices 0-9")
     pr.add_argument("--header", default="ID,Labels", help="the CSV's two column names (default: ID,Labels)")
+
+
+def add_summary(sub) -> None:
     m = sub.add_parser("summary", allow_abbrev=False, help="the model's layer table, parameters, multiply-adds and sizes (no data needed)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="The model a preset and settings describe, as torchinfo's layer table (layer, "
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe whose model to start from (default: {DEFAULT_PRESET})")
     m.add_argument("--depth-of-table", type=int, default=2, metavar="D",
                    help="nesting depth of the layer table (1: stages only, 2: blocks, 3: every layer; default 2)")
+
+
+def add_sweep(sub) -> None:
     s = sub.add_parser("sweep", allow_abbrev=False, help="a study on Optuna from a sweep file (or one preset's seeds): trials, "
                                      "workers, leaderboard",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -153,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train K runs at once in each worker, advanced in turn, one CUDA stream each on a GPU: "
                         "a trial's seeds, and the next trials' as slots free (the seed-only form: its seeds)")
     s.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one of --workers N's processes
+
+
+def add_leaderboard(sub) -> None:
     lb = sub.add_parser("leaderboard", allow_abbrev=False, help="a sweep folder's ranked trials, CSV and plots",
                         description="The leaderboard of the sweep whose folder is DIR (its sweep.json names the "
                                     "study and its storage): printed, and saved as DIR/leaderboard.csv, "
@@ -160,12 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("dir", metavar="DIR", help="a folder written by 'fastres sweep FILE'")
     lb.add_argument("--storage", default=None, metavar="URL", help="the study's storage, if not the one in sweep.json "
                                                                     "(a URL with a password is stored without it)")
+
+
+def add_compare(sub) -> None:
     c = sub.add_parser("compare", allow_abbrev=False, help="runs side by side: a table of speed and accuracy, and a PNG",
                        description="One row per run (preset, switches, device, mean epoch seconds, total "
                                    "training seconds, final and best test accuracy) and a plot of test "
                                    "accuracy against cumulative training seconds, one line per run.")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by 'fastres train'")
     c.add_argument("--png", default="compare.png", help="where to write the plot (default: compare.png)")
+
+
+def add_env(sub) -> None:
     v = sub.add_parser("env", allow_abbrev=False, help="this machine and what a run would use on it (no data needed)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Python, torch and the CUDA version it was built for, the NVIDIA driver, each "
@@ -179,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "  fastres env --json > env.json              # for a bug report")
     v.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe to resolve (default: {DEFAULT_PRESET})")
     v.add_argument("--json", action="store_true", help="the facts and the resolution as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: settings are parsed by fastres (--seed), so argparse must not take a
+    # prefix of one of its own options for it (--seed would be read as --seeds)
+    p = argparse.ArgumentParser(prog="fastres", allow_abbrev=False, description="Train and evaluate CIFAR-10 ResNets "
+                                "fast: by default the ResNet-68 of 'Optimizing ResNet Architecture for CIFAR-10 "
+                                "Classification' (Chen and Ge, NYU).")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (add_train, add_eval, add_predict, add_summary, add_sweep, add_leaderboard, add_compare, add_env):
+        add(sub)
     return p
 
 
@@ -231,91 +257,113 @@ def without_option(args: list[str], option: str) -> list[str]:
     return out
 
 
+def no_settings(rest: list[str]) -> None:
+    if rest:
+        raise ConfigError(f"unexpected arguments {' '.join(rest)}")
+
+
+def cmd_train(args, rest: list[str], argv: list[str]) -> int:
+    from .train import train
+    cfg = make_config(args.preset, parse_overrides(rest))
+    if args.pack != 1 and not args.seeds:
+        raise ConfigError("--pack K packs the runs of --seeds S1 S2 ...: give the seeds")
+    try:
+        if args.seeds:
+            from .packed import train_seeds
+            return train_seeds(cfg, args.seeds, args.pack, args.resume)
+        train(cfg, resume=args.resume)
+        return 0
+    except (Interrupted, OutputError) as e:  # say how to continue: the same command with --resume
+        if not continuable(e):
+            raise
+        out = [] if cfg.out or getattr(e, "run_dir", None) is None else ["--out", str(e.run_dir)]
+        again = ["fastres", *argv, *out] + ([] if args.resume else ["--resume"])
+        raise continuing(e, "resume with", again) from None
+
+
+def cmd_eval(args, rest: list[str], argv: list[str]) -> int:
+    no_settings(rest)
+    from .evaluate import evaluate_checkpoints
+    evaluate_checkpoints(args.checkpoint, args.data, args.tta, args.device, args.out)
+    return 0
+
+
+def cmd_predict(args, rest: list[str], argv: list[str]) -> int:
+    no_settings(rest)
+    from .predict import predict
+    predict(args.checkpoint, args.images, args.out, args.tta, args.probs, args.names, args.header, args.device,
+            args.data)
+    return 0
+
+
+def cmd_compare(args, rest: list[str], argv: list[str]) -> int:
+    no_settings(rest)
+    from .compare import compare
+    compare(args.runs, args.png)
+    return 0
+
+
+def cmd_summary(args, rest: list[str], argv: list[str]) -> int:
+    from .design import check_budget, summarize, summary_text
+    cfg = make_config(args.preset, parse_overrides(rest))
+    print(summary_text(summarize(cfg, args.depth_of_table), cfg.max_params))
+    check_budget(cfg)  # over --max-params: exit 2, saying by how much
+    return 0
+
+
+def cmd_sweep(args, rest: list[str], argv: list[str]) -> int:
+    if args.file is not None and (args.preset or args.seeds):
+        # seed-only: what looked like a sweep file was the value of a setting (--data DIR)
+        args.file, rest = None, seed_only_settings(argv[1:])
+    if args.file is None:
+        if args.storage or args.report or args.workers != 1:
+            raise ConfigError("--storage, --workers and --report need a sweep file: fastres sweep FILE ...")
+        from .sweep import sweep
+        try:
+            sweep(args.preset or DEFAULT_PRESET, args.seeds or [0, 1, 2], parse_overrides(rest), args.out,
+                  pack=args.pack)
+            return 0
+        except OutputError as e:
+            if not continuable(e):
+                raise
+            raise continuing(e, "then continue with", ["fastres", *argv]) from None
+    if rest or args.preset or args.seeds:
+        raise ConfigError("with a sweep file, settings go in the file ([fixed] or [space]), not on the "
+                          f"command line: {' '.join(rest) or '--preset/--seeds'}")
+    from .sweep import run_sweep_file
+    try:
+        return run_sweep_file(args.file, args.out, args.storage, args.workers, args.report, args.worker,
+                              pack=args.pack)
+    except OutputError as e:  # the same command (a worker's: its parent's) continues the sweep
+        if not continuable(e):
+            raise
+        raise continuing(e, "then continue the sweep with", ["fastres", *without_option(argv, "--worker")]) from None
+
+
+def cmd_env(args, rest: list[str], argv: list[str]) -> int:
+    from .env import show
+    show(make_config(args.preset, parse_overrides(rest)), args.json)
+    return 0
+
+
+def cmd_leaderboard(args, rest: list[str], argv: list[str]) -> int:
+    no_settings(rest)
+    from .sweep import leaderboard_of
+    return leaderboard_of(args.dir, args.storage)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "compare": cmd_compare,
+            "summary": cmd_summary, "sweep": cmd_sweep, "env": cmd_env, "leaderboard": cmd_leaderboard}
+
+
 def main(argv=None) -> int:
     """Exit statuses: see fastres/errors.py (0 done, 2 bad input, 3 diverged, 4 cannot write output,
     5 run folder in use, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else argv
     sys.stdout.reconfigure(line_buffering=True)  # table rows reach a log or `tee` as they are printed
     args, rest = build_parser().parse_known_args(argv)
+    return cli_main("fastres", lambda: COMMANDS[args.command](args, rest, argv))
 
-    def run() -> int:
-        nonlocal rest
-        if args.command == "train":
-            from .train import train
-            cfg = make_config(args.preset, parse_overrides(rest))
-            if args.pack != 1 and not args.seeds:
-                raise ConfigError("--pack K packs the runs of --seeds S1 S2 ...: give the seeds")
-            try:
-                if args.seeds:
-                    from .packed import train_seeds
-                    return train_seeds(cfg, args.seeds, args.pack, args.resume)
-                train(cfg, resume=args.resume)
-            except (Interrupted, OutputError) as e:  # say how to continue: the same command with --resume
-                if not continuable(e):
-                    raise
-                out = [] if cfg.out or getattr(e, "run_dir", None) is None else ["--out", str(e.run_dir)]
-                again = ["fastres", *argv, *out] + ([] if args.resume else ["--resume"])
-                raise continuing(e, "resume with", again) from None
-        elif args.command == "eval":
-            if rest:
-                raise ConfigError(f"unexpected arguments {' '.join(rest)}")
-            from .evaluate import evaluate_checkpoints
-            evaluate_checkpoints(args.checkpoint, args.data, args.tta, args.device, args.out)
-        elif args.command == "predict":
-            if rest:
-                raise ConfigError(f"unexpected arguments {' '.join(rest)}")
-            from .predict import predict
-            predict(args.checkpoint, args.images, args.out, args.tta, args.probs, args.names, args.header,
-                    args.device, args.data)
-        elif args.command == "compare":
-            if rest:
-                raise ConfigError(f"unexpected arguments {' '.join(rest)}")
-            from .compare import compare
-            compare(args.runs, args.png)
-        elif args.command == "summary":
-            from .design import check_budget, summarize, summary_text
-            cfg = make_config(args.preset, parse_overrides(rest))
-            print(summary_text(summarize(cfg, args.depth_of_table), cfg.max_params))
-            check_budget(cfg)  # over --max-params: exit 2, saying by how much
-        elif args.command == "sweep":
-            if args.file is not None and (args.preset or args.seeds):
-                # seed-only: what looked like a sweep file was the value of a setting (--data DIR)
-                args.file, rest = None, seed_only_settings(argv[1:])
-            if args.file is None:
-                if args.storage or args.report or args.workers != 1:
-                    raise ConfigError("--storage, --workers and --report need a sweep file: fastres sweep FILE ...")
-                from .sweep import sweep
-                try:
-                    sweep(args.preset or DEFAULT_PRESET, args.seeds or [0, 1, 2], parse_overrides(rest), args.out,
-                          pack=args.pack)
-                except OutputError as e:
-                    if not continuable(e):
-                        raise
-                    raise continuing(e, "then continue with", ["fastres", *argv]) from None
-            else:
-                if rest or args.preset or args.seeds:
-                    raise ConfigError("with a sweep file, settings go in the file ([fixed] or [space]), not on the "
-                                      f"command line: {' '.join(rest) or '--preset/--seeds'}")
-                from .sweep import run_sweep_file
-                try:
-                    return run_sweep_file(args.file, args.out, args.storage, args.workers, args.report, args.worker,
-                                          pack=args.pack)
-                except OutputError as e:  # the same command (a worker's: its parent's) continues the sweep
-                    if not continuable(e):
-                        raise
-                    again = ["fastres", *without_option(argv, "--worker")]
-                    raise continuing(e, "then continue the sweep with", again) from None
-        elif args.command == "env":
-            from .env import show
-            show(make_config(args.preset, parse_overrides(rest)), args.json)
-        elif args.command == "leaderboard":
-            if rest:
-                raise ConfigError(f"unexpected arguments {' '.join(rest)}")
-            from .sweep import leaderboard_of
-            return leaderboard_of(args.dir, args.storage)
-        return 0
-
-    return cli_main("fastres", run)
 
 if __name__ == "__main__":
     sys.exit(main())
