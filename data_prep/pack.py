@@ -128,7 +128,7 @@ def unpack_split(path: Path, workers: int = 8) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def run(argv=None) -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.pack", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["pack", "unpack"])
@@ -172,4 +172,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main("python -m data_prep.pack", run))
+    sys.exit(cli_main("python -m data_prep.pack", main))

@@ -175,7 +175,7 @@ def cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int) -> to
     return x.clone().masked_fill_((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
 
 
-class Regularize:
+class CutoutMixupCutmix:
     """What a training batch goes through after crop, flip and normalization: cutout (its centres
     from the epoch's generator, after the crop's draws) and mixup / cutmix (torchvision.transforms.v2's
     MixUp and CutMix: one Beta(alpha, alpha) coefficient per batch, the batch paired with itself
@@ -221,14 +221,16 @@ class Batches:
     for x, y in data.train_epoch(e): x is normalized, augmented, `dtype`, channels_last.
     for x, y in data.test():          x is normalized only.
 
-    placement "stream": FFCV's Loader reads and shuffles each epoch (its order: permutation(seed
-    + e), each rank a disjoint share). placement "device": both splits are read once into uint8
-    tensors on the training device (CIFAR-10's training set is 154 MB, 240 MB held zero-padded for
-    the crop) and each epoch's order is a permutation drawn there from (seed, epoch), each rank
-    taking its own contiguous share; each batch is cropped out of the padded set in one gather,
-    so no per-batch work leaves the device. Either way the order and the augmentation are pure
-    functions of (seed, epoch), which is what makes resume exact.
+    Two loaders behind this one interface, chosen by `placement` (Batches(..., placement=P) makes
+    the right one): StreamedBatches ("stream": FFCV's Loader reads and shuffles each epoch) and
+    ResidentBatches ("device": both splits held on the training device). Either way the order and
+    the augmentation are pure functions of (seed, epoch), which is what makes resume exact.
     """
+
+    def __new__(cls, *args, placement: str = "stream", **kwargs):
+        if cls is Batches:  # Batches(...) makes the loader its placement names
+            cls = ResidentBatches if placement == "device" else StreamedBatches
+        return super().__new__(cls)
 
     def __init__(self, data_dir, batch_size: int, eval_batch_size: int, device: torch.device, seed: int,
                  train_limit: int | None = None, test_limit: int | None = None, dtype=torch.float32,
@@ -237,57 +239,25 @@ class Batches:
                  placement: str = "stream", cutout: int = 0, mixup: float = 0.0, cutmix: float = 0.0,
                  shared: dict | None = None):
         d = Path(data_dir)
-        self.data_dir, self.test_limit = d, test_limit
+        self.data_dir, self.test_limit, self.placement = d, test_limit, placement
         # Sizes, image and label counts and SHA-256 of both files against the manifest, before
         # FFCV maps them: a damaged file is one clear message, not an error from inside FFCV.
         self.manifest = verify(d)
         self.device, self.seed, self.dtype = device, seed, dtype
         self.channels_last, self.do_augment = channels_last, augment
         self.batch_size, self.eval_batch_size, self.rank, self.world = batch_size, eval_batch_size, rank, world
-        self.placement = placement
-        self.regularize = Regularize(seed, cutout, mixup, cutmix)
+        self.cutout_mixup_cutmix = CutoutMixupCutmix(seed, cutout, mixup, cutmix)
         self.mean = torch.tensor(self.manifest["mean"], dtype=torch.float32, device=device)
         self.std = torch.tensor(self.manifest["std"], dtype=torch.float32, device=device)
-        if placement == "device":
-            # shared: one copy on the device for several runs of one process (a packed group),
-            # keyed by what it holds; each run draws its own order from its own seed
-            key = (str(d.resolve()), str(device), train_limit, test_limit, rank, world)
-            if shared is None or key not in shared:
-                train_x, train_y = read_all(d / TRAIN_FILE, device, train_limit, num_workers=num_workers)
-                # Held zero-padded by PAD (240 MB instead of 154 MB for CIFAR-10's training set), so a
-                # batch is cropped straight out of it (gather_augment_normalize); train_x is the
-                # unpadded view of the same memory.
-                padded = torch.nn.functional.pad(train_x, (0, 0, PAD, PAD, PAD, PAD))
-                del train_x
-                test = read_all(d / TEST_FILE, device, test_limit, (rank, world), num_workers)
-                if shared is not None:
-                    shared[key] = (padded, train_y, *test)
-            else:
-                padded, train_y, *test = shared[key]
-            self.train_padded, self.train_y = padded, train_y
-            self.train_x = self.train_padded[:, PAD:-PAD, PAD:-PAD]
-            self.test_x, self.test_y = test
-            self.steps = len(self.train_y) // world // batch_size  # drop_last, per rank
-        else:
-            self.train_loader = make_loader(d / TRAIN_FILE, batch_size, device, True, seed, train_limit,
-                                            num_workers, distributed)
-            self.test_loader = make_loader(d / TEST_FILE, eval_batch_size, device, False, seed, test_limit,
-                                           num_workers, distributed=False, shard=(rank, world))
-            self.steps = len(self.train_loader)
+        self.steps = self._load(d, train_limit, test_limit, num_workers, distributed, shared)
         # Compiled once per batch shape (training batches all share one: drop_last).
-        fn = gather_augment_normalize if placement == "device" else augment_normalize
-        self.prepare = torch.compile(fn, dynamic=False) if compile_augment else fn
+        self.prepare = torch.compile(self.AUGMENT, dynamic=False) if compile_augment else self.AUGMENT
         # Whole-dataset counts (over all ranks), not this rank's share.
         self.num_train = train_limit or self.manifest["counts"]["train"]
         self.num_test = test_limit or self.manifest["counts"]["test"]
 
     def __len__(self):
         return self.steps
-
-    @property
-    def test_batches(self) -> int:
-        """Evaluation batches on this rank."""
-        return len(self.test_loader) if self.placement == "stream" else -(-len(self.test_y) // self.eval_batch_size)
 
     def epoch_generator(self, epoch: int, stream: int = 0) -> torch.Generator:
         # Augmentation randomness (stream 0) and the resident order (stream 1) are pure functions
@@ -302,44 +272,16 @@ class Batches:
         if self.do_augment:
             n = self.batch_size
             g = torch.Generator(device=self.device).manual_seed(0)
-            if self.placement == "device":
-                source = (self.train_padded, torch.zeros(n, dtype=torch.int64, device=self.device))
-            else:
-                source = (torch.zeros(n, 32, 32, 3, dtype=torch.uint8, device=self.device),)
-            self.prepare(*source, *sample_crop_flip(n, g), self.mean, self.std, self.dtype, self.channels_last)
-
-    def _train_raw(self, epoch: int):
-        """uint8 images and int64 labels of epoch `epoch`, in this rank's order."""
-        if self.placement == "stream":
-            self.train_loader.next_epoch = epoch  # FFCV's order for epoch e: permutation(seed + e)
-            for images, labels in self.train_loader:
-                yield images, _own(labels)
-            return
-        for idx in self._resident_batches(epoch):
-            yield self.train_x[idx], self.train_y[idx]
-
-    def _resident_batches(self, epoch: int):
-        """Indices into the resident training set of each batch of epoch `epoch`, this rank's share."""
-        n = len(self.train_y)
-        order = torch.randperm(n, generator=self.epoch_generator(epoch, stream=1), device=self.device)
-        share = n // self.world
-        order = order[self.rank * share:(self.rank + 1) * share]
-        for s in range(self.steps):
-            yield order[s * self.batch_size:(s + 1) * self.batch_size]
+            self.prepare(*self._dummy_source(n), *sample_crop_flip(n, g), self.mean, self.std, self.dtype,
+                         self.channels_last)
 
     def train_epoch(self, epoch: int):
         g = self.epoch_generator(epoch)
         for step, (x, y) in enumerate(self._augmented(epoch, g)):
-            yield self.regularize(x, y, g, epoch, step)
+            yield self.cutout_mixup_cutmix(x, y, g, epoch, step)
 
     def _augmented(self, epoch: int, g: torch.Generator):
         """Epoch `epoch`'s batches cropped, flipped (their draws from g) and normalized."""
-        if self.placement == "device" and self.do_augment:
-            for idx in self._resident_batches(epoch):
-                x = self.prepare(self.train_padded, idx, *sample_crop_flip(idx.shape[0], g), self.mean, self.std,
-                                 self.dtype, self.channels_last)
-                yield x, self.train_y[idx]
-            return
         for images, labels in self._train_raw(epoch):
             if self.do_augment:
                 x = self.prepare(images, *sample_crop_flip(images.shape[0], g), self.mean, self.std, self.dtype,
@@ -348,21 +290,111 @@ class Batches:
                 x = normalize(images, self.mean, self.std, self.dtype, self.channels_last)
             yield x, labels
 
+    def test(self):
+        for images, labels in self._test_raw():
+            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), labels
+
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole test set as uint8 images and labels in file order (the same images test()
-        yields, all ranks' together): the resident tensors when they hold all of it, else read."""
-        if self.placement == "device" and self.world == 1:
-            return self.test_x, self.test_y
+        yields, all ranks' together), read from the file."""
         return read_all(self.data_dir / TEST_FILE, torch.device("cpu"), self.test_limit)
 
-    def test(self):
-        if self.placement == "stream":
-            batches = ((images, _own(labels)) for images, labels in self.test_loader)
+
+class StreamedBatches(Batches):
+    """FFCV's Loader reads and shuffles each epoch (its order: permutation(seed + e), each rank a
+    disjoint share); batches are augmented on the device as they arrive."""
+    AUGMENT = staticmethod(augment_normalize)
+
+    def _load(self, d: Path, train_limit, test_limit, num_workers: int, distributed: bool, shared) -> int:
+        self.train_loader = make_loader(d / TRAIN_FILE, self.batch_size, self.device, True, self.seed, train_limit,
+                                        num_workers, distributed)
+        self.test_loader = make_loader(d / TEST_FILE, self.eval_batch_size, self.device, False, self.seed,
+                                       test_limit, num_workers, distributed=False, shard=(self.rank, self.world))
+        return len(self.train_loader)
+
+    @property
+    def test_batches(self) -> int:
+        """Evaluation batches on this rank."""
+        return len(self.test_loader)
+
+    def _dummy_source(self, n: int) -> tuple:
+        return (torch.zeros(n, 32, 32, 3, dtype=torch.uint8, device=self.device),)
+
+    def _train_raw(self, epoch: int):
+        """uint8 images and int64 labels of epoch `epoch`, in this rank's order."""
+        self.train_loader.next_epoch = epoch  # FFCV's order for epoch e: permutation(seed + e)
+        for images, labels in self.train_loader:
+            yield images, _own(labels)
+
+    def _test_raw(self):
+        return ((images, _own(labels)) for images, labels in self.test_loader)
+
+
+class ResidentBatches(Batches):
+    """Both splits read once into uint8 tensors on the training device (CIFAR-10's training set is
+    154 MB, 240 MB held zero-padded for the crop); each epoch's order is a permutation drawn there
+    from (seed, epoch), each rank taking its own contiguous share, and each batch is cropped out of
+    the padded set in one gather, so no per-batch work leaves the device. `shared`: one copy on
+    the device for several runs of one process (a packed group), keyed by what it holds."""
+    AUGMENT = staticmethod(gather_augment_normalize)
+
+    def _load(self, d: Path, train_limit, test_limit, num_workers: int, distributed: bool, shared) -> int:
+        key = (str(d.resolve()), str(self.device), train_limit, test_limit, self.rank, self.world)
+        if shared is None or key not in shared:
+            train_x, train_y = read_all(d / TRAIN_FILE, self.device, train_limit, num_workers=num_workers)
+            # Held zero-padded by PAD, so a batch is cropped straight out of it
+            # (gather_augment_normalize); train_x is the unpadded view of the same memory.
+            padded = torch.nn.functional.pad(train_x, (0, 0, PAD, PAD, PAD, PAD))
+            del train_x
+            test = read_all(d / TEST_FILE, self.device, test_limit, (self.rank, self.world), num_workers)
+            if shared is not None:
+                shared[key] = (padded, train_y, *test)
         else:
-            b = self.eval_batch_size
-            batches = ((self.test_x[i:i + b], self.test_y[i:i + b]) for i in range(0, len(self.test_y), b))
-        for images, labels in batches:
-            yield normalize(images, self.mean, self.std, self.dtype, self.channels_last), labels
+            padded, train_y, *test = shared[key]
+        self.train_padded, self.train_y = padded, train_y
+        self.train_x = self.train_padded[:, PAD:-PAD, PAD:-PAD]
+        self.test_x, self.test_y = test
+        return len(self.train_y) // self.world // self.batch_size  # drop_last, per rank
+
+    @property
+    def test_batches(self) -> int:
+        """Evaluation batches on this rank."""
+        return -(-len(self.test_y) // self.eval_batch_size)
+
+    def _dummy_source(self, n: int) -> tuple:
+        return self.train_padded, torch.zeros(n, dtype=torch.int64, device=self.device)
+
+    def _batch_indices(self, epoch: int):
+        """Indices into the resident training set of each batch of epoch `epoch`, this rank's share."""
+        n = len(self.train_y)
+        order = torch.randperm(n, generator=self.epoch_generator(epoch, stream=1), device=self.device)
+        share = n // self.world
+        order = order[self.rank * share:(self.rank + 1) * share]
+        for s in range(self.steps):
+            yield order[s * self.batch_size:(s + 1) * self.batch_size]
+
+    def _train_raw(self, epoch: int):
+        """uint8 images and int64 labels of epoch `epoch`, in this rank's order."""
+        for idx in self._batch_indices(epoch):
+            yield self.train_x[idx], self.train_y[idx]
+
+    def _augmented(self, epoch: int, g: torch.Generator):
+        """Cropped straight out of the padded set, flipped and normalized in one gather."""
+        if not self.do_augment:
+            yield from super()._augmented(epoch, g)
+            return
+        for idx in self._batch_indices(epoch):
+            x = self.prepare(self.train_padded, idx, *sample_crop_flip(idx.shape[0], g), self.mean, self.std,
+                             self.dtype, self.channels_last)
+            yield x, self.train_y[idx]
+
+    def _test_raw(self):
+        b = self.eval_batch_size
+        return ((self.test_x[i:i + b], self.test_y[i:i + b]) for i in range(0, len(self.test_y), b))
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The resident tensors when they hold all of the test set (one process), else read."""
+        return (self.test_x, self.test_y) if self.world == 1 else super().test_set()
 
 
 def _own(labels: torch.Tensor) -> torch.Tensor:

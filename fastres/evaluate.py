@@ -13,7 +13,7 @@ from .data import ensure_data
 from .design import build_model
 from .distributed import Dist
 from .errors import BadInput
-from .rundir import check_weights, load_checkpoint
+from .checkpoint import check_weights, load_checkpoint
 
 
 @torch.no_grad()

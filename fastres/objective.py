@@ -20,7 +20,7 @@ from .config import ConfigError
 from .design import check_budget
 from .errors import Diverged, FastresError, Interrupted
 from .progress import duration
-from .rundir import StopRequest
+from .signals import StopRequest
 from .seeds import finished_record, holds_a_run, seed_summary
 from .study import import_optuna
 from .sweepfile import SweepSpec

@@ -29,7 +29,8 @@ from .config import Config
 from .design import check_budget
 from .distributed import Dist
 from .errors import BadInput, FastresError, Interrupted
-from .rundir import StopRequest, open_run_dir
+from .rundir import open_run_dir
+from .signals import StopRequest
 from .runtime import check_before_work, resolve_device
 from .train import run
 
@@ -49,7 +50,7 @@ class Member:
 class Pack:
     """`slots` runs at a time in this process on one device, advanced in turn, one step each per
     round (on CUDA each slot has its own stream). Members join with add() (their folder is checked
-    and locked at once) and, when no member added is waiting as a slot frees, from run()'s
+    and locked at once) and, when no member added is waiting as a slot frees, from train()'s
     next_member(), so that a sweep worker can hand a freed slot to its next trial."""
 
     def __init__(self, slots: int, resume: bool, log, held: contextlib.ExitStack, stop: StopRequest):
@@ -59,7 +60,7 @@ class Pack:
         self.dist = Dist()
         self.device: torch.device | None = None
         self.members: list[Member] = []
-        self.runs: list = []          # run()'s generators, one per member
+        self.runs: list = []          # fastres.train.run's generators, one per member
         self.results: list = []       # per member: its record, its FastresError, or None while it trains
         self.waiting: list[int] = []  # added, not yet given a slot
         self.shared: dict = {}        # resident data: one copy for the group
@@ -89,7 +90,7 @@ class Pack:
         self.waiting.append(i)
         return i
 
-    def run(self, next_member=lambda: None) -> list:
+    def train(self, next_member=lambda: None) -> list:
         """Train until no member is left: per member its record or the FastresError that ended it.
         Raises Interrupted once every started run has stopped if Ctrl-C (or SIGTERM) asked."""
         slot_of: dict[int, int] = {}
@@ -190,7 +191,7 @@ def train_packed(cfgs: list[Config], resume: bool = False, log=print, names: lis
         for i, c in enumerate(cfgs):  # every folder checked and locked before any run starts
             group.add(Member(c, (names or [""] * len(cfgs))[i], (logs or [None] * len(cfgs))[i],
                              (on_epochs or [None] * len(cfgs))[i]))
-        return group.run()
+        return group.train()
 
 
 def _stop_now(gen):

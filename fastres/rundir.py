@@ -1,9 +1,8 @@
-"""The run folder: a lock so that one training writes it at a time, atomic writes that fail with
-a clear message, checkpoints verified before they are trusted, and a clean stop on Ctrl-C.
+"""The run folder: where a run's folder is (runs/PRESET/DATE-TIME, runs/latest), a lock so that
+one training writes it at a time, and atomic writes that fail with a clear message.
 
     with RunLock(out, log):            # refuses a folder another live training holds (exit 5)
         atomic_write(out / "last.pt", lambda p: torch.save(ck, p))   # OutputError on a full disk
-        ck = load_checkpoint(out / "last.pt", model)                 # BadInput if damaged/foreign
 """
 from __future__ import annotations
 
@@ -11,21 +10,15 @@ import contextlib
 import dataclasses
 import fcntl
 import os
-import random
 import re
-import signal
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from .errors import BadInput, OutputError, RunInUse, describe_os_error
 
 LOCK = "run.lock"
 RUNS = Path("runs")  # where runs go without --out: RUNS/PRESET/DATE-TIME, RUNS/latest the newest
 # What a checkpoint written by `fastres train` holds; eval needs only the first three.
-CHECKPOINT_KEYS = ("model", "config", "epoch", "optimizer", "scheduler", "ema", "history", "rng")
 
 
 def new_run_dir(preset: str, root: Path = RUNS) -> Path:
@@ -183,84 +176,6 @@ def atomic_write(path: Path, write) -> None:
         raise e from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module | None = None, keys=CHECKPOINT_KEYS,
-                    map_location="cpu") -> dict:
-    """A checkpoint, checked before anything is taken from it: it loads, has `keys`, and (given
-    a model) its weights have exactly the model's names and shapes. Raises BadInput otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: checkpoint not found")
-    try:
-        # weights_only=False: the checkpoint holds NumPy and Python RNG states. Load only
-        # checkpoints you wrote (pickle runs code).
-        ck = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated zip, not a torch file, unpickling errors
-        reason = (str(e).splitlines() or [""])[0].split(". ")[0][:160]  # the first sentence
-        raise BadInput(f"{path}: not a readable checkpoint, perhaps truncated or not written by fastres "
-                       f"({type(e).__name__}: {reason}); delete it to start over, or name another") from None
-    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
-    if missing:
-        raise BadInput(f"{path}: not a fastres checkpoint (missing {', '.join(missing)})")
-    if model is not None:
-        check_weights(path, ck["model"], model)
-    return ck
-
-
-def check_weights(path: Path, state_dict, model: torch.nn.Module) -> None:
-    """BadInput unless `state_dict` has exactly the model's tensor names and shapes."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    try:
-        got = {k: tuple(v.shape) for k, v in state_dict.items()}
-    except (AttributeError, TypeError):
-        raise BadInput(f"{path}: its weights are not a state dict") from None
-    if got != want:
-        diff = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
-        raise BadInput(f"{path}: its weights do not fit this model ({len(diff)} tensors differ, e.g. "
-                       f"{diff[0]}); it was written for another model (--blocks, --widths, --kernel, ...), or is damaged")
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks the training to stop at the next safe point (between two
-    steps, never inside a checkpoint write); a second Ctrl-C stops at once. `signum` is the
-    signal that asked, or 0."""
-
-    def __init__(self, log=print):
-        self.signum, self.log, self._old = 0, log, {}
-
-    def _handler(self, signum, frame):
-        if self.signum:  # asked twice: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        self.log(f"\n{signal.Signals(signum).name}: stopping after this step "
-                 "(the last checkpoint is kept; Ctrl-C again to stop at once)")
-
-    def __enter__(self):
-        try:
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old = {}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def rng_state() -> dict:
-    """Every RNG a run draws from (torch, numpy, Python, CUDA), for its checkpoint."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"].cpu())
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
 
 def open_run_dir(cfg, resume: bool, dist, held: contextlib.ExitStack, log) -> tuple:

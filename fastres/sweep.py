@@ -272,7 +272,7 @@ def spawn_workers(path: str, out: Path, url: str, n: int, spec, log=print, pack:
 
     from .data import ensure_data
     from .distributed import Dist
-    from .rundir import StopRequest
+    from .signals import StopRequest
 
     ensure_data(spec.config(_sample_configs(spec, 1)[0], spec.seeds[0]), Dist(), log)  # converted once, not by N
     logs = out / "logs"

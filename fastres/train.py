@@ -20,7 +20,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import io
 import signal
 import statistics
 import time
@@ -29,68 +28,29 @@ from pathlib import Path
 import torch
 
 from . import runtime
-from .config import Config, describe, from_dict
+from .config import Config, describe
 from .data import Batches, ensure_data
+from .checkpoint import checkpoint_to_resume, restore, save_checkpoint
 from .design import build_model, check_budget, describe_model, summarize
 from .distributed import Dist
-from .errors import BadInput, Diverged, Interrupted, OutputError
+from .errors import Diverged, Interrupted, OutputError
 from .evaluate import evaluate
 from .optim import EMA, lr_factor, make_criterion, make_optimizer
 from .progress import Progress, duration
 from .record import (CHECKPOINT, CURVES, METRICS_CSV, RECORD, RunRecord, TensorBoard, environment, epoch_metrics,
                      plot_curves, table_head, table_row, write_metrics_csv)
 from .results import test_set_results
-from .rundir import StopRequest, atomic_write, load_checkpoint, open_run_dir, rng_state, set_rng_state
+from .rundir import open_run_dir
+from .signals import StopRequest
 from .step import build_step
 
-# Settings a resumed run may change: they move files or threads around, not the arithmetic.
-RESUME_MAY_DIFFER = {"out", "data", "loader_workers", "device", "eval_batch_size", "progress_s", "tensorboard",
-                     "max_params"}
-
-
 class NonFiniteLoss(Diverged):
-    pass
-
-
-class ResumeError(BadInput):
     pass
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def checkpoint_to_resume(ckpt_path: Path, model, cfg: Config, rt, log) -> dict | None:
-    """The checkpoint --resume continues from, read onto the CPU (load_state_dict puts each tensor
-    where the model's live, and RNG states must stay CPU ByteTensors), or None without one;
-    ResumeError if it was written with settings that change the arithmetic."""
-    if not ckpt_path.is_file():
-        log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
-        return None
-    ck = load_checkpoint(ckpt_path, model)  # BadInput if damaged or foreign
-    try:
-        old = from_dict(ck["config"])
-    except (BadInput, TypeError) as e:
-        raise ResumeError(f"{ckpt_path}: its config is not valid ({e})") from None
-    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in cfg.to_dict()
-            if k not in RESUME_MAY_DIFFER and getattr(old, k) != getattr(cfg, k)}
-    # The placement decides the batches' order: what it resolved to must match (auto is device on
-    # one GPU and stream on a CPU), however it was asked for
-    placed = ck.get("data_placement", old.data_placement)
-    diff.pop("data_placement", None)
-    if placed != rt.data_placement:
-        diff["data_placement"] = (placed, rt.data_placement if cfg.data_placement != "auto" else
-                                  f"auto, resolved to {rt.data_placement}")
-    # so must the precision: fp16's loss scale is part of the state (a checkpoint from before fp16
-    # existed has no "amp": bf16 or off, and no scaler to load)
-    written_amp = ck.get("amp", "bf16 or off")
-    if written_amp != rt.summary["amp"] and (rt.loss_scaling or "amp" in ck):
-        diff["amp"] = (written_amp, f"{cfg.amp}, resolved to {rt.summary['amp']}")
-    if diff:
-        raise ResumeError(f"{ckpt_path} was written with other settings: " +
-                          ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in diff.items()))
-    return ck
-
-
 def warm_up(step, state, batches, rt, batch: int, eval_batch: int, eval_forward) -> tuple[float, float, float]:
     """Compile and autotune on random data (a training step, an evaluation batch, the compiled
     augmentation), time 5 more steps and an evaluation batch for the estimate, then put the
@@ -102,7 +62,7 @@ def warm_up(step, state, batches, rt, batch: int, eval_batch: int, eval_forward)
     g = torch.Generator(device=rt.device).manual_seed(12345)
     x = torch.randn(batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
     y = torch.randint(0, 10, (batch,), generator=g, device=rt.device)
-    x, y = batches.regularize(x, y, g, 0, 0)  # targets as training's (probabilities under mixup/cutmix)
+    x, y = batches.cutout_mixup_cutmix(x, y, g, 0, 0)  # targets as training's (probabilities under mixup/cutmix)
     # an evaluation batch as large as the largest the test set gives (a 100-image test set is never
     # evaluated 1,000 at a time)
     x_eval = torch.randn(eval_batch, 3, 32, 32, generator=g, device=rt.device).to(memory_format=rt.memory_format)
@@ -247,31 +207,6 @@ def warm_up_and_estimate(p: Parts, cfg: Config, epochs_left: int, log) -> tuple[
         log(f"NOTE: no GPU; this run will take about {estimate_s / 3600:.1f} h on this CPU (estimate). "
             "For a run of a few minutes use --preset smoke.")
     return warmup_s, eval_est_s
-
-
-def restore(p: Parts, ck: dict) -> list[dict]:
-    """Put a checkpoint's state into the run's parts; the epochs' history it holds."""
-    p.model.load_state_dict(ck["model"]), p.opt.load_state_dict(ck["optimizer"])
-    p.sched.load_state_dict(ck["scheduler"]), p.ema.load_state_dict(ck["ema"])
-    p.ema.updates = ck.get("ema_updates", 0)
-    p.step.load_scaling_state(ck.get("loss_scaling", {}))
-    p.step.after_load()
-    set_rng_state(ck["rng"])
-    return ck["history"]
-
-
-def save_checkpoint(p: Parts, cfg: Config, history: list[dict], path: Path) -> None:
-    """Everything a resume needs after the epoch history ends with, written atomically."""
-    ck = {"model": p.model.state_dict(), "optimizer": p.opt.state_dict(), "scheduler": p.sched.state_dict(),
-          "ema": p.ema.state_dict(), "ema_updates": p.ema.updates, "epoch": history[-1]["epoch"],
-          "config": cfg.to_dict(), "data_placement": p.rt.data_placement, "history": history,
-          "rng": rng_state(), "amp": p.rt.summary["amp"], "loss_scaling": p.step.scaling_state(),
-          "normalization": {k: p.batches.manifest[k] for k in ("mean", "std")}}  # for predict
-    # Serialized in memory first (a few MB), so that a failed write reports the OS's reason (disk
-    # full, file too large) rather than torch's zip writer's.
-    blob = io.BytesIO()
-    torch.save(ck, blob)
-    atomic_write(path, lambda f: f.write_bytes(blob.getbuffer()))
 
 
 class Stops:

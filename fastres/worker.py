@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import Diverged, FastresError, Interrupted
 from .objective import Objective, Plan, TrialError, folder_number, frozen, host, stopped_why, to_file
 from .progress import duration
-from .rundir import StopRequest
+from .signals import StopRequest
 from .study import import_optuna, retry_callback
 from .sweepfile import SweepSpec
 
@@ -225,7 +225,7 @@ def _work_packed(objective: Objective, slots: int, may_start, log) -> int:
     with Heartbeats(study) as beats, contextlib.ExitStack() as files:
         try:
             with contextlib.ExitStack() as held:
-                Pack(slots, True, log, held, objective.stop).run(next_member)
+                Pack(slots, True, log, held, objective.stop).train(next_member)
         except BaseException as e:
             for plan, _ in list(plans.values()):
                 requeue(study, plan.trial.number, stopped_why(e))

@@ -64,7 +64,7 @@ def test_damaged_files_are_refused(slice_, tmp_path):
 
 
 def test_pack_limits_keep_the_first_images_of_each_class_in_source_order(cifar, tmp_path):
-    from data_prep.pack import run
+    from data_prep.pack import main as run
 
     src = tmp_path / "src"
     src.mkdir()

@@ -1,11 +1,11 @@
-"""Cutout, mixup and cutmix on the training batch (fastres.data.Regularize): each result checked
+"""Cutout, mixup and cutmix on the training batch (fastres.data.CutoutMixupCutmix): each result checked
 against its definition built here independently, the draws' statistics against their
 distributions, the same draws for the same (seed, epoch, step), and a short run with each learns."""
 import numpy as np
 import pytest
 import torch
 
-from fastres.data import Regularize, cutout, sample_cutout
+from fastres.data import CutoutMixupCutmix, cutout, sample_cutout
 
 
 def batch(n=64, seed=0):
@@ -50,7 +50,7 @@ def recover_lambda(y_mixed, y):
 
 def test_mixup_blends_images_and_targets_with_a_beta_coefficient():
     alpha, lams = 0.4, []
-    reg = Regularize(seed=3, mixup=alpha)
+    reg = CutoutMixupCutmix(seed=3, mixup=alpha)
     for step in range(200):
         x, y = batch(16, seed=step)
         xm, ym = reg(x, y, torch.Generator().manual_seed(0), epoch=0, step=step)
@@ -68,7 +68,7 @@ def test_mixup_blends_images_and_targets_with_a_beta_coefficient():
 
 
 def test_cutmix_pastes_a_box_and_mixes_targets_by_its_area():
-    reg = Regularize(seed=5, cutmix=1.0)
+    reg = CutoutMixupCutmix(seed=5, cutmix=1.0)
     areas = []
     for step in range(100):
         x, y = batch(8, seed=100 + step)
@@ -92,7 +92,7 @@ def test_cutmix_pastes_a_box_and_mixes_targets_by_its_area():
 
 
 def test_mixup_and_cutmix_together_choose_one_per_batch():
-    reg = Regularize(seed=0, mixup=1.0, cutmix=1.0)
+    reg = CutoutMixupCutmix(seed=0, mixup=1.0, cutmix=1.0)
     kinds = set()
     for step in range(40):
         x, y = batch(8, seed=step)
@@ -104,24 +104,24 @@ def test_mixup_and_cutmix_together_choose_one_per_batch():
 
 def test_draws_are_a_function_of_seed_epoch_and_step():
     x, y = batch(32)
-    reg = Regularize(seed=1, cutout_px=8, mixup=0.5, cutmix=1.0)
+    reg = CutoutMixupCutmix(seed=1, cutout_px=8, mixup=0.5, cutmix=1.0)
     g = lambda: torch.Generator().manual_seed(11)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     a = reg(x, y, g(), epoch=3, step=7)
     assert torch.equal(torch.get_rng_state(), before)  # the global generator is left as it was
-    b = Regularize(seed=1, cutout_px=8, mixup=0.5, cutmix=1.0)(x, y, g(), epoch=3, step=7)
+    b = CutoutMixupCutmix(seed=1, cutout_px=8, mixup=0.5, cutmix=1.0)(x, y, g(), epoch=3, step=7)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     for other in ({"epoch": 4, "step": 7}, {"epoch": 3, "step": 8}):
         c = reg(x, y, g(), **other)
         assert not torch.equal(a[1], c[1])
-    c = Regularize(seed=2, cutout_px=8, mixup=0.5, cutmix=1.0)(x, y, g(), epoch=3, step=7)
+    c = CutoutMixupCutmix(seed=2, cutout_px=8, mixup=0.5, cutmix=1.0)(x, y, g(), epoch=3, step=7)
     assert not torch.equal(a[1], c[1])
 
 
 def test_all_off_passes_the_batch_through():
     x, y = batch(8)
-    xo, yo = Regularize(seed=0)(x, y, torch.Generator().manual_seed(0), 0, 0)
+    xo, yo = CutoutMixupCutmix(seed=0)(x, y, torch.Generator().manual_seed(0), 0, 0)
     assert xo is x and yo is y
 
 
