@@ -149,90 +149,103 @@ def _work_packed(objective: Objective, slots: int, may_start, log) -> int:
     its device busy with several trials. Each trial is told to the study once all its seeds have
     ended; a stop or an error no trial can get past queues every trial still in flight again.
     Returns the number of trials told."""
-    from collections import deque
+    from .packed import Pack
 
-    from .packed import Member, Pack
-
-    optuna = import_optuna()
-    study, told = objective.study, []
-    plans: dict[int, tuple[Plan, set]] = {}  # in flight: trial number -> (its plan, its seeds not yet ended)
-    queue: deque = deque()                   # (plan, seed index) not yet given a slot
-
-    def tell(trial, **kw):
-        study.tell(trial, skip_if_finished=True, **kw)  # skipped if another worker failed it meanwhile
-        beats.discard(trial)
-        plans.pop(trial.number, None)
-        if trial.user_attrs.get("status") != "grid_done":
-            told.append(trial.number)
-
-    def finish(plan: Plan):
+    with Heartbeats(objective.study) as beats, contextlib.ExitStack() as files:
+        flight = InFlight(objective, may_start, beats, files)
         try:
-            tell(plan.trial, values=objective.conclude(plan))
-        except TrialError:
-            tell(plan.trial, state=optuna.trial.TrialState.FAIL)
-        except optuna.TrialPruned:
-            tell(plan.trial, state=optuna.trial.TrialState.PRUNED)
+            with contextlib.ExitStack() as held:
+                Pack(slots, True, log, held, objective.stop).train(flight.next_member)
+        except BaseException as e:
+            for plan, _ in list(flight.plans.values()):
+                requeue(objective.study, plan.trial.number, stopped_why(e))
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted("stopped at once; the trials resume from their last checkpoints") from None
+            raise
+    return len(flight.told)
 
-    def ended(plan: Plan, i: int):
-        left = plans[plan.trial.number][1]
+
+class InFlight:
+    """A packed worker's trials in flight: their plans and the seeds not yet ended, the seeds
+    waiting for a slot, and what was told to the study."""
+
+    def __init__(self, objective: Objective, may_start, beats: "Heartbeats", files: contextlib.ExitStack):
+        from collections import deque
+
+        self.objective, self.study, self.may_start, self.beats, self.files = \
+            objective, objective.study, may_start, beats, files
+        self.plans: dict[int, tuple[Plan, set]] = {}  # trial number -> (its plan, its seeds not yet ended)
+        self.queue: deque = deque()                   # (plan, seed index) not yet given a slot
+        self.told: list[int] = []
+
+    def tell(self, trial, **kw) -> None:
+        self.study.tell(trial, skip_if_finished=True, **kw)  # skipped if another worker failed it meanwhile
+        self.beats.discard(trial)
+        self.plans.pop(trial.number, None)
+        if trial.user_attrs.get("status") != "grid_done":
+            self.told.append(trial.number)
+
+    def finish(self, plan: Plan) -> None:
+        state = import_optuna().trial.TrialState
+        try:
+            self.tell(plan.trial, values=self.objective.conclude(plan))
+        except TrialError:
+            self.tell(plan.trial, state=state.FAIL)
+        except import_optuna().TrialPruned:
+            self.tell(plan.trial, state=state.PRUNED)
+
+    def ended(self, plan: Plan, i: int) -> None:
+        left = self.plans[plan.trial.number][1]
         left.discard(i)
         if not left:
-            finish(plan)
+            self.finish(plan)
 
-    def member(plan: Plan, i: int) -> Member:
-        objective.starting(plan, i)
-        f = files.enter_context(open(Path(plan.cfgs[i].out) / "train.log", "a"))
+    def member(self, plan: Plan, i: int):
+        from .packed import Member
+
+        self.objective.starting(plan, i)
+        f = self.files.enter_context(open(Path(plan.cfgs[i].out) / "train.log", "a"))
 
         def on_end(result):
             f.close()
-            if isinstance(result, Interrupted):  # stays in flight: queued again below
+            if isinstance(result, Interrupted):  # stays in flight: queued again by _work_packed
                 return
             if isinstance(result, FastresError) and not isinstance(result, Diverged):
                 raise result  # not the trial's fault (disk, data): the worker stops, trials queued again
             plan.records[i] = result
-            ended(plan, i)
+            self.ended(plan, i)
         return Member(plan.cfgs[i], f"{plan.number:04d}/seed{plan.cfgs[i].seed}", to_file(f),
-                      objective.on_epoch(plan, i), on_end)
+                      self.objective.on_epoch(plan, i), on_end)
 
-    def next_member() -> Member | None:
+    def next_member(self):
+        """The next run for a freed slot: a waiting seed, else the first seed of a new trial."""
+        optuna = import_optuna()
         while True:
-            while queue:
-                plan, i = queue.popleft()
-                if objective.decided(plan):  # pruned or failed while this seed waited: never started
-                    ended(plan, i)
+            while self.queue:
+                plan, i = self.queue.popleft()
+                if self.objective.decided(plan):  # pruned or failed while this seed waited: never started
+                    self.ended(plan, i)
                     continue
-                return member(plan, i)
-            if not may_start():
+                return self.member(plan, i)
+            if not self.may_start():
                 return None
-            trial = study.ask()
-            beats.add(trial)
+            trial = self.study.ask()
+            self.beats.add(trial)
             try:
-                plan = objective.plan(trial)
+                plan = self.objective.plan(trial)
             except TrialError:  # not a valid configuration
-                tell(trial, state=optuna.trial.TrialState.FAIL)
+                self.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
             except optuna.TrialPruned:  # over the budget, or the grid is done
-                tell(trial, state=optuna.trial.TrialState.PRUNED)
+                self.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 continue
             except BaseException as e:  # not the trial's fault: queued again, the worker stops
-                requeue(study, trial.number, stopped_why(e))
+                requeue(self.study, trial.number, stopped_why(e))
                 raise
-            plans[trial.number] = (plan, set(plan.todo))
+            self.plans[trial.number] = (plan, set(plan.todo))
             if not plan.todo:  # every seed finished in an earlier attempt: read, not rerun
-                finish(plan)
-            queue.extend((plan, i) for i in plan.todo)
-
-    with Heartbeats(study) as beats, contextlib.ExitStack() as files:
-        try:
-            with contextlib.ExitStack() as held:
-                Pack(slots, True, log, held, objective.stop).train(next_member)
-        except BaseException as e:
-            for plan, _ in list(plans.values()):
-                requeue(study, plan.trial.number, stopped_why(e))
-            if isinstance(e, KeyboardInterrupt):
-                raise Interrupted("stopped at once; the trials resume from their last checkpoints") from None
-            raise
-    return len(told)
+                self.finish(plan)
+            self.queue.extend((plan, i) for i in plan.todo)
 
 
 class Heartbeats:
