@@ -313,7 +313,7 @@ def test_a_full_disk_in_a_trial_names_the_command_that_continues_the_sweep(tmp_p
     once there is room, finishes the sweep."""
     import errno
 
-    import fastres.train as T
+    import fastres.checkpoint as T  # where the checkpoint is written
 
     path = sweep_file(tmp_path, small_data, "lr = [0.1]")
     out = tmp_path / "sweep"
