@@ -223,7 +223,7 @@ class ResNet(nn.Module):
         self.drop = maybe_dropout(dropout)
         self.fc = nn.Linear(cin * ((side // pool) ** 2 if pool else 1), num_classes)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and not m.weight.is_meta:  # a meta tensor (a parameter count) holds no values
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
