@@ -40,12 +40,21 @@ def test_results_table_rows_from_records(tmp_path):
     assert len(rows) == 5  # the benchmarks-only record has no training row
 
 
+def anchors(page: Path) -> set[str]:
+    """The #anchors of a page's headings, as GitHub makes them."""
+    heads = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
 def test_every_relative_link_resolves():
     missing = []
     for page in PAGES:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
-                missing.append(f"{page.relative_to(REPO)} -> {target}")
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)]*))?\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            linked = (page.parent / target) if target else page
+            if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+                missing.append(f"{page.relative_to(REPO)} -> {target}#{anchor}")
     assert not missing, missing
 
 
