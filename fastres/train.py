@@ -106,10 +106,10 @@ def train(cfg: Config, resume: bool = False, log=print, on_epoch=None) -> dict:
     with contextlib.ExitStack() as held:
         cfg, out = open_run_dir(cfg, resume, dist, held, log)
         stop = held.enter_context(StopRequest(log))
-        return drive(run(cfg, resume, log, dist, out, stop, t_start, on_epoch))
+        return run_to_end(run(cfg, resume, log, dist, out, stop, t_start, on_epoch))
 
 
-def drive(steps) -> dict:
+def run_to_end(steps) -> dict:
     """Advance a run (the generator run() returns) to its end; its record. A second Ctrl-C that
     lands between two steps, outside the run, is handed into it, so it stops as it would inside."""
     pending = None
@@ -303,15 +303,15 @@ def run(cfg: Config, resume: bool, log, dist: Dist, out: Path, stop: StopRequest
     on the device, shared by the runs of a packed group (see Batches)."""
     on_epoch = on_epoch or (lambda row: None)
     p = set_up(cfg, dist, log, shared_data)
-    ck = checkpoint_to_resume(out / CHECKPOINT, p.model, cfg, p.rt, log) if resume else None
-    start_epoch = ck["epoch"] if ck is not None else 0
+    checkpoint = checkpoint_to_resume(out / CHECKPOINT, p.model, cfg, p.rt, log) if resume else None
+    start_epoch = checkpoint["epoch"] if checkpoint is not None else 0
     warmup_s, eval_est_s = warm_up_and_estimate(p, cfg, cfg.epochs - start_epoch, log)
     if stop.signum:  # Ctrl-C during the warm-up: nothing of this run was written yet
         raise Interrupted("stopped before training started; nothing was written", stop.signum)
-    history = restore(p, ck) if ck is not None else []
-    if ck is not None:
+    history = restore(p, checkpoint) if checkpoint is not None else []
+    if checkpoint is not None:
         log(f"resumed from {out / CHECKPOINT} after epoch {start_epoch}")
-        del ck
+        del checkpoint  # its tensors: freed before training
     record = RunRecord(out / RECORD, dist.main, {
         "config": cfg.to_dict(), "switches": p.rt.summary, "environment": environment(p.rt),
         "parameters": p.design["trainable_parameters"], "macs": p.design["macs"], "num_train": p.batches.num_train,
