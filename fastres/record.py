@@ -69,6 +69,8 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    # fixed margins: tight_layout would measure every label again each epoch (a third of the plot's time)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.84, wspace=0.25)
     a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     a1.plot(ep, [h["test_loss"] for h in history], "s-", label="test")
     a1.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
@@ -80,7 +82,6 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         a.legend()
         a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.suptitle(title)
-    fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
 

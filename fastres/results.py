@@ -105,6 +105,7 @@ def plot_confusion(counts: np.ndarray, names, path: Path, title: str = "") -> No
 
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # each true class's row sums to 1
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    fig.subplots_adjust(left=0.17, right=0.92, bottom=0.17, top=0.94)  # fixed: room for the class names
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for t in range(len(names)):
         for p in range(len(names)):
@@ -115,7 +116,6 @@ def plot_confusion(counts: np.ndarray, names, path: Path, title: str = "") -> No
     ax.set_xlabel("predicted"), ax.set_ylabel("true")
     ax.set_title(f"confusion matrix{': ' + title if title else ''} (colour: share of the true class)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
 
