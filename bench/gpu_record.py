@@ -117,6 +117,13 @@ def step_mode(t: dict) -> str:
     return " + ".join(parts)
 
 
+def accuracy_cell(t: dict) -> str:
+    """A training run's final test accuracy; for a group of seeds, their mean ± std."""
+    if t.get("seeds"):
+        return f"{100 * t['final_test_acc']:.2f} ± {100 * t['final_test_acc_std']:.2f}%"
+    return f"{100 * t['final_test_acc']:.2f}%"
+
+
 def table(records: list[dict]) -> str:
     rows = ["| date | GPU | torch | preset | compile, step, data | epoch time (s) | training + eval (s) | test acc |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -129,14 +136,12 @@ def table(records: list[dict]) -> str:
             continue
         done = "" if t.get("status", "finished") == "finished" else \
             f" ({t['status']} after {t['epochs_done']}/{t['epochs_planned']} epochs)"
-        acc = f"{100 * t['final_test_acc']:.2f}%"
         if t.get("seeds"):  # a group of seeds: their means, the accuracy's std, the group's wall time
             done += f", {len(t['seeds'])} seeds" + (f" packed {t['pack']} at a time" if t["pack"] > 1 else "") + \
                 f", {t['wall_s']:.0f} s wall for all"
-            acc = f"{100 * t['final_test_acc']:.2f} ± {100 * t['final_test_acc_std']:.2f}%"
         rows.append(f"| {r['date']} | {r['gpu']} | {r['torch']} | {t['preset']}{done} | {step_mode(t)} | "
                     f"{t['mean_epoch_train_s']:.2f} | "
-                    f"{t['train_s_total'] + t['eval_s_total']:.0f} | {acc} |")
+                    f"{t['train_s_total'] + t['eval_s_total']:.0f} | {accuracy_cell(t)} |")
     return "\n".join(rows)
 
 
@@ -157,13 +162,11 @@ def results_table(records: list[tuple[str, dict]], link: str) -> str:
             continue
         preset = t["preset"] + ("" if t.get("status", "finished") == "finished"
                                 else f" ({t['epochs_done']}/{t['epochs_planned']} epochs)")
-        acc = f"{100 * t['final_test_acc']:.2f}%"
         if t.get("seeds"):
             preset += f", {len(t['seeds'])} seeds"
-            acc = f"{100 * t['final_test_acc']:.2f} ± {100 * t['final_test_acc_std']:.2f}%"
         md = name.removesuffix(".json") + ".md"
         rows.append(f"| {r['gpu']} | {preset} | {step_mode(t)} | {t['mean_epoch_train_s']:.2f} | "
-                    f"{t['train_s_total']:.0f} | {acc} | [{r['date']}]({link}{md}) |")
+                    f"{t['train_s_total']:.0f} | {accuracy_cell(t)} | [{r['date']}]({link}{md}) |")
     return "\n".join(rows)
 
 
