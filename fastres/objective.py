@@ -44,9 +44,11 @@ def host() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def frozen(study, number: int):
-    """The study's FrozenTrial of trial `number` (what Optuna's public helpers take)."""
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+def frozen(study, number: int, state=None):
+    """The study's FrozenTrial of trial `number` (what Optuna's public helpers take), looked for
+    among the trials in `state` only (RUNNING, FAIL, ...): not the whole study per trial."""
+    states = None if state is None else (state,)
+    return next(t for t in study.get_trials(deepcopy=False, states=states) if t.number == number)
 
 
 def folder_number(trial) -> int:
@@ -125,7 +127,7 @@ class Objective:
         """The trial's configuration per seed, its folder, and what its folder already holds;
         TrialError (invalid) or TrialPruned (over budget, or the grid done) if it is not trained."""
         optuna = import_optuna()
-        attempt = frozen(self.study, trial.number)
+        attempt = frozen(self.study, trial.number, optuna.trial.TrialState.RUNNING)  # asked: running
         # enqueue_trial keeps a queued trial's choices in system_attrs["fixed_params"]; Optuna has
         # no other way to tell a queued trial (a grid's, a retry) from one the sampler just made
         queued = "fixed_params" in attempt.system_attrs or folder_number(attempt) != trial.number

@@ -32,14 +32,15 @@ def requeue(study, number: int, why: str, failed: bool = False) -> bool:
     if not failed:
         # Optuna sets user attributes only through the Trial object its worker holds, and this
         # trial's worker is gone or stopping: no public way but the storage
-        storage, trial_id = study._storage, frozen(study, number)._trial_id
+        storage = study._storage
         try:
+            trial_id = frozen(study, number, optuna.trial.TrialState.RUNNING)._trial_id
             storage.set_trial_user_attr(trial_id, "status", "requeued")
             storage.set_trial_user_attr(trial_id, "why", why)
             study.tell(number, state=optuna.trial.TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # another process was first
+        except (StopIteration, optuna.exceptions.UpdateFinishedTrialError, ValueError):  # another process was first
             return False
-    retry_callback()(study, frozen(study, number))
+    retry_callback()(study, frozen(study, number, optuna.trial.TrialState.FAIL))  # failed just now
     return True
 
 
