@@ -176,23 +176,38 @@ def is_up_to_date(out: str | os.PathLike, digest: str) -> bool:
 
 
 _PR_SET_PDEATHSIG = 1
-_writing = False  # True while write_beton runs: only FFCV's writer processes are forked then
+_forking_writers_of = 0  # the pid of the process whose forks are FFCV writers, while it writes; else 0
 
 
 def _die_with_parent() -> None:
     """In a forked writer process: the kernel sends SIGKILL when the converting process dies, so a
     killed conversion never leaves workers running (holding a deleted file and shared memory)."""
-    if not _writing:
+    if not _forking_writers_of:
         return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: nothing to arrange
-        pass
+        return
+    # The converting process may have died between the fork and the prctl above; the kernel then
+    # sends nothing, and this writer would run on as an orphan.
+    if os.getppid() != _forking_writers_of:
+        os._exit(1)
 
 
 if hasattr(os, "register_at_fork"):
     # FFCV's DatasetWriter forks its workers with multiprocessing; this runs in each of them.
     os.register_at_fork(after_in_child=_die_with_parent)
+
+
+@contextlib.contextmanager
+def forks_die_with_this_process():
+    """Processes forked inside this block are killed when this process dies (on Linux)."""
+    global _forking_writers_of
+    _forking_writers_of = os.getpid()
+    try:
+        yield
+    finally:
+        _forking_writers_of = 0
 
 
 def write_beton(split: Split, path: Path, num_workers: int, name: str = "", log=print) -> None:
@@ -204,8 +219,6 @@ def write_beton(split: Split, path: Path, num_workers: int, name: str = "", log=
         "image": RGBImageField(write_mode="raw", max_resolution=32),  # raw = lossless
         "label": IntField(),
     }, num_workers=num_workers)
-    global _writing
-    _writing = True
     # FFCV draws a tqdm bar, which in a log is one carriage-return redraw per update; Progress is
     # the same bar on a terminal and a plain line every 5 s elsewhere. And FFCV waits for its
     # writer processes forever (sleep-polling a counter, then a blocking queue read): a writer
@@ -218,7 +231,8 @@ def write_beton(split: Split, path: Path, num_workers: int, name: str = "", log=
     for k, v in patched.items():
         setattr(ffcv.writer, k, v)
     try:
-        writer.from_indexed_dataset(_Indexable(split), chunksize=500)
+        with forks_die_with_this_process():
+            writer.from_indexed_dataset(_Indexable(split), chunksize=500)
     except BaseException:
         for p in multiprocessing.active_children():
             p.kill()
@@ -227,7 +241,6 @@ def write_beton(split: Split, path: Path, num_workers: int, name: str = "", log=
             writer.metadata_sm.unlink()
         raise
     finally:
-        _writing = False
         for k, v in saved.items():
             setattr(ffcv.writer, k, v)
 

@@ -323,6 +323,36 @@ def test_killed_conversion_leaves_no_workers_and_its_leftovers_are_removed(cifar
     assert sorted(f.name for f in out.iterdir()) == sorted([MANIFEST_FILE, TEST_FILE, TRAIN_FILE])
 
 
+# The converting process killed in the instant after a fork, before the writer asked the kernel
+# to kill it with its parent: a hook registered first holds the writer there for 1 s, while the
+# parent kills itself. The writer must notice its parent is gone and exit, not write.
+_KILLED_RIGHT_AFTER_FORK = """
+import os, signal, sys, time
+os.register_at_fork(after_in_child=lambda: time.sleep(1.0))
+from data_prep.convert import forks_die_with_this_process
+with forks_die_with_this_process():
+    pid = os.fork()
+if pid == 0:
+    time.sleep(1.0)
+    open(sys.argv[1], "w").write("an orphaned writer ran on")
+    os._exit(0)
+print(pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_writer_forked_just_before_the_conversion_died_exits(tmp_path):
+    marker = tmp_path / "orphan-wrote"
+    r = subprocess.run([sys.executable, "-c", _KILLED_RIGHT_AFTER_FORK, str(marker)], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    writer = int(r.stdout)
+    t0 = time.time()
+    while _running(writer) and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert not _running(writer) and not marker.exists()
+
+
 def test_a_new_run_into_a_folder_holding_another_is_refused_and_leaves_it_untouched(one_epoch_run, small_data,
                                                                                    tmp_path):
     """Without --resume, `--out` over a finished run's folder (here with a run that would diverge
