@@ -41,6 +41,7 @@ def run(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("results") / "run"
     rec = train(make_config("smoke", {"data": str(small_data), "out": str(out), "depth": 8, "epochs": 2,
                                       "train_limit": 1000, "test_limit": 300, "batch_size": 100, "amp": "off",
+                                      "eval_batch_size": 32,  # the images come in 10 batches
                                       "compile_augment": False}), log=lambda *a, **k: None)
     return out, rec
 
