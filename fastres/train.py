@@ -51,11 +51,12 @@ class NonFiniteLoss(Diverged):
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def warm_up(step, state, batches, rt, batch: int, eval_batch: int, eval_forward) -> tuple[float, float, float]:
+def warm_up(step, state, batches, rt, batch: int, eval_batch: int, eval_forward,
+            timed_steps: int = 5) -> tuple[float, float, float]:
     """Compile and autotune on random data (a training step, an evaluation batch, the compiled
-    augmentation), time 5 more steps and an evaluation batch for the estimate, then put the
-    state (model, optimizer, schedule, EMA, loss scaler) back as it was. Returns seconds: the
-    warm-up, a step (median of 5), and one epoch's evaluation."""
+    augmentation), time `timed_steps` more steps and an evaluation batch for the estimate, then
+    put the state (model, optimizer, schedule, EMA, loss scaler) back as it was. Returns seconds:
+    the warm-up, a step (the median of those timed), and one epoch's evaluation."""
     model, opt, sched, ema = state
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict(), ema.updates,
                            step.scaling_state()))
@@ -74,8 +75,8 @@ def warm_up(step, state, batches, rt, batch: int, eval_batch: int, eval_forward)
     batches.warmup()  # compiles the fused augmentation for this batch shape
     sync()
     warmup_s = time.perf_counter() - t0
-    step_times = []  # the first steps after compiling vary: the median of 5
-    for _ in range(5):
+    step_times = []  # the first steps after compiling vary: their median
+    for _ in range(timed_steps):
         t1 = time.perf_counter()
         step(x, y)
         sync()
@@ -197,11 +198,12 @@ def warm_up_and_estimate(p: Parts, cfg: Config, epochs_left: int, log) -> tuple[
             if cfg.tta:
                 p.eval_model(x_eval.flip(3))
 
-    warmup_s, step_s, eval_est_s = warm_up(p.step, (p.model, p.opt, p.sched, p.ema), p.batches, p.rt,
-                                           p.rank_batch, min(cfg.eval_batch_size, p.batches.num_test), eval_forward)
+    timed = max(1, min(5, p.steps * epochs_left))  # timing never costs more steps than the run trains
+    warmup_s, step_s, eval_est_s = warm_up(p.step, (p.model, p.opt, p.sched, p.ema), p.batches, p.rt, p.rank_batch,
+                                           min(cfg.eval_batch_size, p.batches.num_test), eval_forward, timed)
     estimate_s = (step_s * p.steps + eval_est_s) * epochs_left
     log(f"warm-up (compile/autotune) {warmup_s:.1f} s; estimated time for {epochs_left} epoch(s): "
-        f"{duration(estimate_s)} (training at a median {step_s * 1000:.0f} ms/step of 5 timed steps, "
+        f"{duration(estimate_s)} (training at a median {step_s * 1000:.0f} ms/step of {timed} timed steps, "
         f"evaluation {duration(eval_est_s)} per epoch)")
     if p.rt.device.type == "cpu" and estimate_s > 30 * 60:
         log(f"NOTE: no GPU; this run will take about {estimate_s / 3600:.1f} h on this CPU (estimate). "

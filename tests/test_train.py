@@ -51,6 +51,17 @@ def test_run_writes_record_curves_checkpoint(small_data, tmp_path, capsys):
     assert f"{100 * rec['final_test_acc']:.2f}%" in r.stdout
 
 
+def test_a_short_run_times_no_more_steps_than_it_trains(small_data, tmp_path, capsys, monkeypatch):
+    """The estimate's timed steps: 5, or the run's own steps when it trains fewer (here 2)."""
+    from fastres import step as step_module
+
+    calls, real = [], step_module.TrainStep.__call__
+    monkeypatch.setattr(step_module.TrainStep, "__call__", lambda self, x, y: calls.append(1) or real(self, x, y))
+    assert train_here(small_data, tmp_path / "run", "--epochs", "1", "--train-limit", "200", "--test-limit", "100") == 0
+    assert "of 2 timed steps" in capsys.readouterr().out
+    assert len(calls) == 1 + 2 + 2  # the first (compiling) step, 2 timed, 2 trained
+
+
 def test_resume_refuses_other_settings(small_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_here(small_data, out, "--epochs", "1") == 0
