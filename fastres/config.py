@@ -66,8 +66,8 @@ class Config:
                                           # by its area; 0 = off (mixup and cutmix: one of the two
                                           # per batch, at random)
     loader_workers: int = -1              # FFCV decode threads per process; -1 = the process's CPU
-                                          # threads (OMP_NUM_THREADS, else torch's default);
-                                          # FFCV sets torch's thread count to it too
+                                          # threads (OMP_NUM_THREADS, else torch's default); at
+                                          # most the CPUs; torch computes on its own count
     data_placement: str = "auto"          # auto | stream = FFCV reads every epoch | device = both
                                           # splits read once into uint8 tensors on the training
                                           # device (240 MB for CIFAR-10's training set, held

@@ -7,6 +7,7 @@ and `augment`/`normalize` are a handful of whole-batch tensor ops, identical on 
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
     """
     import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader import OrderOption
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
     if not Path(path).is_file():
@@ -61,19 +62,43 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
     rank, world = shard
     if world > 1:
         indices = (np.arange(len(beton_labels(path))) if indices is None else indices)[rank::world]
-    if num_workers < 1:
-        # FFCV sets torch's intra-op thread count to its worker count (at the Loader's creation
-        # and every epoch), so all cores here would undo OMP_NUM_THREADS: N sweep workers sharing
-        # a CPU would each compute on every core. The process's own thread count keeps it.
-        num_workers = torch.get_num_threads()
-    return Loader(
-        str(path), batch_size=batch_size, num_workers=num_workers, os_cache=True,
+    import numba  # FFCV decodes on numba's threads, which refuses more threads than it has
+
+    # by default as many decoding threads as the process computes with
+    workers = min(num_workers if num_workers > 0 else torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    return _thread_keeping_loader()(
+        str(path), batch_size=batch_size, num_workers=workers, os_cache=True,
         order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
         drop_last=train, seed=seed, indices=indices, distributed=distributed,
         pipelines={
             "image": [SimpleRGBImageDecoder(), ToTensor(), *to_dev],
             "label": [IntDecoder(), ToTensor(), Squeeze(-1), *to_dev],
         })
+
+
+@functools.cache
+def _thread_keeping_loader():
+    """FFCV's Loader sets torch's intra-op thread count to its worker count when it is made and at
+    every epoch; this one puts the count back, so a process computes on the threads it was given
+    (N sweep workers sharing a CPU under OMP_NUM_THREADS) whatever its loaders decode with."""
+    from ffcv.loader import Loader
+
+    class ThreadKeepingLoader(Loader):
+        def __init__(self, *args, **kwargs):
+            threads = torch.get_num_threads()
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                torch.set_num_threads(threads)
+
+        def __iter__(self):
+            threads = torch.get_num_threads()
+            try:
+                return super().__iter__()
+            finally:
+                torch.set_num_threads(threads)
+
+    return ThreadKeepingLoader
 
 
 PAD = 4  # px of zero padding on each side for the random crop (the paper's RandomCrop(32, padding=4))

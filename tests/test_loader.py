@@ -1,4 +1,5 @@
 """FFCV loaders: seeded random order per epoch, drop_last, sequential test order, subsets."""
+import os
 import subprocess
 import sys
 
@@ -73,23 +74,26 @@ def test_batches_dtype_layout(small_data):
     assert m.abs().max() < 0.5
 
 
-def test_default_loader_workers_keep_the_process_thread_count(small_data):
+def test_loader_workers_keep_the_process_thread_count(small_data):
     """FFCV sets torch's intra-op thread count at import (to 1) and to its loader's worker count
-    (when a loader is made and at every epoch). fastres puts the count back after the import and
-    makes loaders of the process's own thread count, so a process keeps the threads it was given:
-    all cores by default, fewer under OMP_NUM_THREADS (N sweep workers sharing a CPU). In a fresh
-    process, where FFCV is not imported yet."""
+    (when a loader is made and at every epoch). fastres puts the count back each time, so a
+    process keeps the threads it was given whatever its loaders decode with: all cores by default,
+    fewer under OMP_NUM_THREADS (N sweep workers sharing a CPU). More workers than the CPUs numba
+    can use (which FFCV refuses with a ValueError) are that many. In a fresh process, where FFCV
+    is not imported yet."""
     code = f"""
-import torch
+import numba, torch
 from fastres.data import make_loader
-for n in (2, 1):  # FFCV imported during the first loader's creation
+for n, workers in ((2, -1), (1, -1), (1, 2), (1, 999)):  # FFCV imported during the first loader's creation
     torch.set_num_threads(n)
-    loader = make_loader({str(small_data / TRAIN_FILE)!r}, 100, torch.device("cpu"), train=True, seed=0)
+    loader = make_loader({str(small_data / TRAIN_FILE)!r}, 100, torch.device("cpu"), train=True, seed=0,
+                         num_workers=workers)
     made = torch.get_num_threads()
     for _ in loader:  # an epoch
         pass
-    print(n, made, torch.get_num_threads(), loader.num_workers)
+    print(n, made, torch.get_num_threads(), loader.num_workers, numba.config.NUMBA_NUM_THREADS)
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "NUMBA_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split("\n")[:2] == ["2 2 2 2", "1 1 1 1"], r.stdout
+    assert r.stdout.split("\n")[:4] == ["2 2 2 2 2", "1 1 1 1 2", "1 1 1 2 2", "1 1 1 2 2"], r.stdout
