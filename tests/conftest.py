@@ -146,6 +146,27 @@ def run_cli(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def run_here(command: str, *args) -> subprocess.CompletedProcess:
+    """`python -m fastres ARGS` (command "fastres") or `fastres-prep ARGS` ("data_prep") through
+    its main() in this process, with the exit status and output run_cli gives: a process start
+    less (torch's, dynamo's and FFCV's imports, paid once per test worker instead). For commands
+    whose test needs no process of their own: no signals, environment, pid or working folder, no
+    warnings read from stderr (pytest records those)."""
+    import contextlib
+    import importlib
+    import io
+
+    main = importlib.import_module({"fastres": "fastres.cli", "data_prep": "data_prep.cli"}[command]).main
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            status = e.code
+    return subprocess.CompletedProcess([command, *args], status, out.buffer.getvalue().decode(),
+                                       err.buffer.getvalue().decode())
+
+
 # GPUs users train on, as torch.cuda describes them: (name, capability, memory in GiB).
 GPUS = {
     "P100": ("Tesla P100-PCIE-16GB", (6, 0), 16),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import run_here
 from fastres.config import ConfigError, make_config
 from fastres.design import check_budget, model_from_config
 from fastres.model import BasicBlock, Bottleneck, PreActBlock, count_params
@@ -187,11 +187,11 @@ def test_se_wider_than_a_basic_width_is_fine_for_bottlenecks():
 
 
 def test_summary_shows_the_parts_and_refuses_a_bad_one():
-    r = run_cli("fastres", "summary", "--block", "preact", "--depth", "20", "--se", "4", "--dropout", "0.2", "--depth-of-table", "3",
-                timeout=120)
+    r = run_here("fastres", "summary", "--block", "preact", "--depth", "20", "--se", "4", "--dropout", "0.2",
+                 "--depth-of-table", "3")
     assert r.returncode == 0, r.stderr
     cfg = make_config("paper", {"block": "preact", "depth": "20", "se": "4", "dropout": "0.2"})
     assert f"Trainable params: {check_budget(cfg):,}" in r.stdout and "preact-resnet20" in r.stdout
     assert "SqueezeExcite" in r.stdout and "SE 4" in r.stdout
-    r = run_cli("fastres", "summary", "--se", "100", timeout=120)
+    r = run_here("fastres", "summary", "--se", "100")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--se" in r.stderr

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import run_cli
+from conftest import run_cli, run_here
 from fastres.config import make_config
 from fastres.design import check_budget, model_from_config, summarize
 from fastres.model import count_params
@@ -150,7 +150,7 @@ def test_summary_totals_equal_the_model():
 
 
 def test_summary_command_prints_the_papers_count():
-    r = run_cli("fastres", "summary", "--preset", "paper")
+    r = run_here("fastres", "summary", "--preset", "paper")
     assert r.returncode == 0, r.stderr
     assert "Total params: 1,050,202" in r.stdout and "Trainable params: 1,050,202" in r.stdout
     assert "BasicBlock" in r.stdout and "[1, 64, 8, 8]" in r.stdout and "Mult-adds per image:" in r.stdout
@@ -216,10 +216,10 @@ def test_a_bad_design_value_exits_2_from_the_command(tmp_path):
 
 
 def test_record_carries_parameters_and_macs(small_data, tmp_path):
-    r = run_cli("fastres", "train", "--preset", "smoke", "--data", small_data, "--out", tmp_path / "r",
-                "--blocks", "1,1,1,1", "--widths", "8,16,16,32", "--kernel", "3,3,5,3", "--shortcut-kernel", "3",
-                "--pool", "2", "--epochs", "1", "--train-limit", "500", "--test-limit", "100", "--batch-size", "100",
-                "--compile-augment", "false", "--loader-workers", "2")
+    r = run_here("fastres", "train", "--preset", "smoke", "--data", small_data, "--out", tmp_path / "r",
+                  "--blocks", "1,1,1,1", "--widths", "8,16,16,32", "--kernel", "3,3,5,3", "--shortcut-kernel", "3",
+                 "--pool", "2", "--epochs", "1", "--train-limit", "500", "--test-limit", "100", "--batch-size", "100",
+                 "--compile-augment", "false", "--loader-workers", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads((tmp_path / "r" / "record.json").read_text())
     cfg = make_config("smoke", {"blocks": "1,1,1,1", "widths": "8,16,16,32", "kernel": "3,3,5,3",

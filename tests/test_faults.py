@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_here
 from data_prep import MANIFEST_FILE, TEST_FILE, TRAIN_FILE
 
 TINY = ["--preset", "smoke", "--depth", "8", "--train-limit", "0", "--batch-size", "100",
@@ -36,7 +36,7 @@ def assert_clean_failure(r, status, *phrases):
 def one_epoch_run(small_data, tmp_path_factory):
     """A finished 1-epoch run of a tiny model: its folder holds a good last.pt."""
     out = tmp_path_factory.mktemp("faults") / "run"
-    r = run_cli(*train_args(small_data, out, "--epochs", "1"))
+    r = run_here(*train_args(small_data, out, "--epochs", "1"))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -51,7 +51,7 @@ def test_resume_from_truncated_checkpoint_is_refused_and_keeps_it(one_epoch_run,
     out = copy_run(one_epoch_run, tmp_path / "run")
     good = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(good[: len(good) // 2])
-    r = run_cli(*train_args(small_data, out, "--epochs", "1", "--resume"))
+    r = run_here(*train_args(small_data, out, "--epochs", "1", "--resume"))
     assert_clean_failure(r, 2, str(out / "last.pt"), "not a readable checkpoint")
     assert (out / "last.pt").read_bytes() == good[: len(good) // 2]  # nothing replaced it
 
@@ -84,12 +84,12 @@ def _other_model(ck_bytes, path):
 def test_eval_on_damaged_or_foreign_file(one_epoch_run, small_data, tmp_path, damage, phrase):
     path = tmp_path / "bad.pt"
     damage((one_epoch_run / "last.pt").read_bytes(), path)
-    r = run_cli("fastres", "eval", path, "--data", small_data)
+    r = run_here("fastres", "eval", path, "--data", small_data)
     assert_clean_failure(r, 2, str(path), phrase)
 
 
 def test_eval_of_missing_checkpoint(tmp_path):
-    r = run_cli("fastres", "eval", tmp_path / "nope.pt")
+    r = run_here("fastres", "eval", tmp_path / "nope.pt")
     assert_clean_failure(r, 2, "checkpoint not found")
 
 
@@ -135,7 +135,7 @@ def test_training_on_a_damaged_data_folder_says_which_file_and_how_to_fix(small_
     shutil.copytree(small_data, data)
     damage, phrases = DAMAGE[case]
     damage(data)
-    r = run_cli(*train_args(data, tmp_path / "run", "--epochs", "1"))
+    r = run_here(*train_args(data, tmp_path / "run", "--epochs", "1"))
     assert_clean_failure(r, 2, *phrases, f"fastres-prep --source {small_data_source(small_data)}"
                          if case != "manifest deleted" else "fastres-prep", f"--out {data} --force")
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -155,7 +155,7 @@ def test_prep_force_repairs_a_damaged_folder(small_data, tmp_path, cifar_dir):
     from data_prep.convert import verify
     # (FFCV's page layout depends on its writer processes' timing, so the bytes may differ:)
     assert verify(data)["content_sha256"] == json.loads((small_data / MANIFEST_FILE).read_text())["content_sha256"]
-    r = run_cli(*train_args(data, tmp_path / "run", "--epochs", "1"))
+    r = run_here(*train_args(data, tmp_path / "run", "--epochs", "1"))
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -163,8 +163,8 @@ def test_prep_force_repairs_a_damaged_folder(small_data, tmp_path, cifar_dir):
 def test_out_that_is_a_file_or_under_a_file(small_data, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    assert_clean_failure(run_cli(*train_args(small_data, f, "--epochs", "1")), 2, "is a file, not a folder")
-    assert_clean_failure(run_cli(*train_args(small_data, f / "run", "--epochs", "1")), 4,
+    assert_clean_failure(run_here(*train_args(small_data, f, "--epochs", "1")), 2, "is a file, not a folder")
+    assert_clean_failure(run_here(*train_args(small_data, f / "run", "--epochs", "1")), 4,
                          "cannot create the run folder", "Not a directory")
     assert f.read_text() == "x"
 
@@ -172,7 +172,7 @@ def test_out_that_is_a_file_or_under_a_file(small_data, tmp_path):
 def test_prep_out_that_is_a_file(tmp_path, cifar_dir):
     f = tmp_path / "file"
     f.write_text("x")
-    r = run_cli("data_prep", "--source", cifar_dir, "--out", f)
+    r = run_here("data_prep", "--source", cifar_dir, "--out", f)
     assert_clean_failure(r, 2, "is a file, not a folder")
     assert f.read_text() == "x"
 
@@ -267,13 +267,13 @@ def test_second_run_into_the_same_folder_is_refused_and_a_stale_lock_taken_over(
         while not (out / "run.lock").exists() or not (out / "run.lock").read_text().strip():
             assert p.poll() is None and time.time() - t0 < 300
             time.sleep(0.05)
-        r = run_cli(*args)
+        r = run_here(*args)
         assert_clean_failure(r, 5, f"{out} is in use by another training (pid {p.pid})")
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert (out / "run.lock").read_text().strip() == str(p.pid)  # left behind by the killed run
-    r = run_cli(*train_args(small_data, out, "--epochs", "1"))
+    r = run_here(*train_args(small_data, out, "--epochs", "1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"taking over the lock of pid {p.pid}, which is no longer running" in r.stdout
     assert not (out / "run.lock").exists()
@@ -361,7 +361,7 @@ def test_a_new_run_into_a_folder_holding_another_is_refused_and_leaves_it_untouc
     out = tmp_path / "run"
     shutil.copytree(one_epoch_run, out)
     before = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
-    r = run_cli(*train_args(small_data, out, "--epochs", "1", "--lr", "600", "--warmup-epochs", "1"))
+    r = run_here(*train_args(small_data, out, "--epochs", "1", "--lr", "600", "--warmup-epochs", "1"))
     assert_clean_failure(r, 2, f"--out {out} holds another run", "--resume", "another --out")
     assert r.stderr.count("\n") == 1
     after = {p.relative_to(out): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import run_cli, run_here
 from fastres import runtime
 from fastres.config import make_config
 from fastres.distributed import Dist
@@ -41,9 +41,9 @@ def test_ema_tracks_the_weights_by_its_warmed_up_decay():
 def test_short_tuned_run_learns_despite_ema_0999(small_data, tmp_path):
     """2 epochs of the tuned recipe (EMA 0.999) on a small slice evaluate learned weights: without
     the EMA warm-up the evaluated weights are ~85% the initial ones and score near chance."""
-    r = run_cli("fastres", "train", "--preset", "tuned", "--data", small_data, "--out", tmp_path / "t",
-                "--depth", "8", "--epochs", "2", "--batch-size", "64", "--loader-workers", "2",
-                "--compile-augment", "false", "--tta", "false")
+    r = run_here("fastres", "train", "--preset", "tuned", "--data", small_data, "--out", tmp_path / "t",
+                  "--depth", "8", "--epochs", "2", "--batch-size", "64", "--loader-workers", "2",
+                 "--compile-augment", "false", "--tta", "false")
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((tmp_path / "t" / "record.json").read_text())
     assert rec["config"]["ema"] == 0.999
@@ -123,9 +123,9 @@ def test_eval_uses_the_ema_weights_and_flip_tta(small_data, tmp_path):
     from fastres.design import build_model
 
     out = tmp_path / "t"
-    r = run_cli("fastres", "train", "--preset", "tuned", "--data", small_data, "--out", out, "--depth", "8",
-                "--epochs", "1", "--warmup-epochs", "0.5", "--batch-size", "100", "--loader-workers", "2",
-                "--compile-augment", "false", "--tta", "false")
+    r = run_here("fastres", "train", "--preset", "tuned", "--data", small_data, "--out", out, "--depth", "8",
+                  "--epochs", "1", "--warmup-epochs", "0.5", "--batch-size", "100", "--loader-workers", "2",
+                 "--compile-augment", "false", "--tta", "false")
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((out / "record.json").read_text())
     ck = torch.load(out / "last.pt", weights_only=False)
@@ -143,9 +143,9 @@ def test_eval_uses_the_ema_weights_and_flip_tta(small_data, tmp_path):
     raw_loss, _ = score(ck["model"], False)
     assert f"{ema_loss:.4f}" != f"{raw_loss:.4f}"  # the EMA is its own model, told apart in the output
     assert rec["final_test_loss"] == pytest.approx(ema_loss, rel=1e-6)  # what training reported
-    r = run_cli("fastres", "eval", out / "last.pt", "--data", small_data)
+    r = run_here("fastres", "eval", out / "last.pt", "--data", small_data)
     assert r.returncode == 0 and f"test loss {ema_loss:.4f}, test accuracy {ema_acc:.2%}" in r.stdout, r.stdout
     tta_loss, tta_acc = score(ck["ema"], True)
     assert f"{tta_loss:.4f}" != f"{ema_loss:.4f}"
-    r = run_cli("fastres", "eval", out / "last.pt", "--data", small_data, "--tta")
+    r = run_here("fastres", "eval", out / "last.pt", "--data", small_data, "--tta")
     assert r.returncode == 0 and f"test loss {tta_loss:.4f}, test accuracy {tta_acc:.2%} (flip TTA)" in r.stdout

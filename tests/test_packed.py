@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_here
 from fastres.config import make_config
 from fastres.errors import Diverged
 
@@ -86,8 +86,8 @@ def test_a_packed_group_into_a_folder_of_another_run_is_refused_untouched(small_
     (held / "record.json").write_text('{"status": "finished"}')
     before = {p.name: p.read_bytes() for p in held.iterdir()}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    r = run_cli("fastres", "train", "--preset", "smoke", "--data", small_data, "--out", tmp_path / "g", *args,
-                "--seeds", "0", "1", "--pack", "2")
+    r = run_here("fastres", "train", "--preset", "smoke", "--data", small_data, "--out", tmp_path / "g", *args,
+                  "--seeds", "0", "1", "--pack", "2")
     assert r.returncode == 2 and "holds another run" in r.stderr and "Traceback" not in r.stderr
     assert {p.name: p.read_bytes() for p in held.iterdir()} == before
     assert not list((tmp_path / "g" / "seed0").glob("*.json"))

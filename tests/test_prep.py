@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_here
 from data_prep import MANIFEST_FILE, TEST_FILE, TRAIN_FILE
 from data_prep.cli import prepare
 from fastres.data import make_loader
@@ -51,7 +51,7 @@ def test_cli_converts_reruns_as_no_op_and_force_rebuilds(tmp_path, cifar_dir, ci
     before = (out / TRAIN_FILE).stat().st_mtime_ns
     stale = out / f".{TRAIN_FILE}.tmp-999999"
     stale.write_bytes(b"half a .beton")
-    r = run_cli(*args)
+    r = run_here(*args)  # nothing to write: in this process
     assert r.returncode == 0 and "up to date" in r.stdout
     assert not stale.exists() and f"removed {stale}" in r.stdout
     assert (out / TRAIN_FILE).stat().st_mtime_ns == before
@@ -136,7 +136,7 @@ def bad_sources(tmp_path, cifar):
 def test_bad_inputs_fail_cleanly(tmp_path, cifar):
     for name, src, expected in bad_sources(tmp_path, cifar):
         out = tmp_path / f"out-{name}"
-        r = run_cli("data_prep", "--source", src, "--out", out)
+        r = run_here("data_prep", "--source", src, "--out", out)
         assert r.returncode == 2, (name, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("fastres-prep: error: "), (name, r.stderr)
@@ -146,7 +146,7 @@ def test_bad_inputs_fail_cleanly(tmp_path, cifar):
 
 def test_bad_limits_rejected(tmp_path, cifar_dir):
     for args in (["--limit-train", "0"], ["--limit-test", "20000"]):
-        r = run_cli("data_prep", "--source", cifar_dir, "--out", tmp_path / "o", *args)
+        r = run_here("data_prep", "--source", cifar_dir, "--out", tmp_path / "o", *args)
         assert r.returncode == 2 and r.stderr.startswith("fastres-prep: error:"), r.stderr
         assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
@@ -159,7 +159,7 @@ def test_failed_rebuild_keeps_previous_output(tmp_path, small_data, cifar):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     bad = _npz(tmp_path / "bad", train={"images": cifar["train"][0][:10, :, :, :2], "labels": cifar["train"][1][:10]},
                cifar=cifar)
-    r = run_cli("data_prep", "--source", bad, "--out", out, "--force")
+    r = run_here("data_prep", "--source", bad, "--out", out, "--force")
     assert r.returncode == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

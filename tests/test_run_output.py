@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_here
 
 TINY = ["--preset", "smoke", "--depth", "8", "--train-limit", "0", "--batch-size", "100",
         "--loader-workers", "2", "--compile-augment", "false"]
@@ -40,8 +40,8 @@ def test_runs_get_their_own_folders_and_resume_takes_the_latest(small_data, tmp_
 
 def test_metrics_csv_tensorboard_and_progress_in_a_log(small_data, tmp_path):
     out = tmp_path / "run"
-    r = run_cli("fastres", "train", "--data", small_data, "--out", out, *TINY, "--epochs", "2",
-                "--tensorboard", "--progress-s", "0")
+    r = run_here("fastres", "train", "--data", small_data, "--out", out, *TINY, "--epochs", "2",
+                  "--tensorboard", "--progress-s", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((out / "record.json").read_text())
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -91,7 +91,7 @@ def test_compare_prints_a_table_and_draws_accuracy_against_time(small_data, tmp_
         train(make_config("smoke", o), log=lambda *a, **k: None)
         runs.append(out)
     png = tmp_path / "cmp.png"
-    r = run_cli("fastres", "compare", *runs, "--png", png)
+    r = run_here("fastres", "compare", *runs, "--png", png)
     assert r.returncode == 0, r.stderr
     head, *rows = r.stdout.splitlines()[:3]
     assert head.split()[:2] == ["run", "preset"] and "final_acc" in head and "epoch_s" in head
@@ -101,7 +101,7 @@ def test_compare_prints_a_table_and_draws_accuracy_against_time(small_data, tmp_
         assert f"{rec['final_test_acc']:.2%}" in line
         assert f"{sum(e['train_s'] for e in rec['epochs']):.1f}" in line
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    r = run_cli("fastres", "compare", tmp_path / "missing")
+    r = run_here("fastres", "compare", tmp_path / "missing")
     assert r.returncode == 2 and "no run record" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_here
 from fastres.config import make_config
 from fastres.runtime import cpu_has_avx512, cpu_has_bf16, resolve
 
@@ -83,8 +83,8 @@ def test_fused_under_interpreter_trains(small_data, tmp_path):
 def test_amp_switch_reaches_the_record(small_data, tmp_path, amp):
     # one step and one test batch where this CPU emulates bf16 (about 10x slower than fp32 there)
     small = ["--train-limit", "50", "--test-limit", "50"] if amp == "on" and not cpu_has_bf16() else []
-    r = run_cli("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--amp", amp,
-                "--channels-last", "false", *small)
+    r = run_here("fastres", "train", "--data", small_data, "--out", tmp_path / "r", *TINY, "--amp", amp,
+                 "--channels-last", "false", *small)
     assert r.returncode == 0, r.stderr[-2000:]
     s = record(tmp_path / "r")["switches"]
     assert s["amp"] == ("bf16" if amp == "on" else "off") and s["channels_last"] is False

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_here
 
 # --compile-augment false: the compiled path is tested in test_augment.py and by the smoke test;
 # here it would only add compile time for each new batch shape.
@@ -46,7 +46,7 @@ def test_run_writes_record_curves_checkpoint(small_data, tmp_path, capsys):
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng", "config"} <= set(ck)
     # fastres eval reproduces the run's final test accuracy from the checkpoint.
-    r = run_cli("fastres", "eval", out / "last.pt", "--data", small_data)
+    r = run_here("fastres", "eval", out / "last.pt", "--data", small_data)
     assert r.returncode == 0, r.stderr
     assert f"{100 * rec['final_test_acc']:.2f}%" in r.stdout
 
@@ -137,8 +137,8 @@ def test_overflowed_bn_statistics_count_as_divergence(small_data, tmp_path, monk
 def test_a_diverged_run_exits_3_from_the_command(small_data, tmp_path):
     """The command's exit status and message for a run that diverges on its own (wherever this
     CPU's arithmetic takes it: in epoch 1 or 2, by its loss or its BN statistics)."""
-    r = run_cli(*train_cmd(small_data, tmp_path / "run", "--warmup-epochs", "3", "--lr", "600", "--amp", "off",
-                           "--train-limit", "1000"))
+    r = run_here(*train_cmd(small_data, tmp_path / "run", "--warmup-epochs", "3", "--lr", "600", "--amp", "off",
+                            "--train-limit", "1000"))
     assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
     assert "non-finite" in r.stderr and "Lower --lr" in r.stderr and "Traceback" not in r.stderr
 
