@@ -17,17 +17,11 @@ def train_cmd(data, out, *extra):
     return ["fastres", "train", "--data", data, "--out", out, *TINY, *extra]
 
 
-def train_here(data, out, *extra) -> int:
-    """The same command through the CLI's main in this process (a process start less)."""
-    from fastres.cli import main
-
-    return main(list(map(str, train_cmd(data, out, *extra)[1:])))
-
-
-def test_run_writes_record_curves_checkpoint(small_data, tmp_path, capsys):
+def test_run_writes_record_curves_checkpoint(small_data, tmp_path):
     out = tmp_path / "run"
-    assert train_here(small_data, out) == 0
-    printed = capsys.readouterr().out
+    r = run_here(*train_cmd(small_data, out))
+    assert r.returncode == 0
+    printed = r.stdout
     assert "train_loss" in printed and "test_acc" in printed  # the table
     rec = json.loads((out / "record.json").read_text())
     assert rec["status"] == "finished" and len(rec["epochs"]) == 3
@@ -51,23 +45,25 @@ def test_run_writes_record_curves_checkpoint(small_data, tmp_path, capsys):
     assert f"{100 * rec['final_test_acc']:.2f}%" in r.stdout
 
 
-def test_a_short_run_times_no_more_steps_than_it_trains(small_data, tmp_path, capsys, monkeypatch):
+def test_a_short_run_times_no_more_steps_than_it_trains(small_data, tmp_path, monkeypatch):
     """The estimate's timed steps: 5, or the run's own steps when it trains fewer (here 2)."""
     from fastres import step as step_module
 
     calls, real = [], step_module.TrainStep.__call__
     monkeypatch.setattr(step_module.TrainStep, "__call__", lambda self, x, y: calls.append(1) or real(self, x, y))
-    assert train_here(small_data, tmp_path / "run", "--epochs", "1", "--train-limit", "200", "--test-limit", "100") == 0
-    assert "of 2 timed steps" in capsys.readouterr().out
+    r = run_here(*train_cmd(small_data, tmp_path / "run", "--epochs", "1", "--train-limit", "200",
+                            "--test-limit", "100"))
+    assert r.returncode == 0
+    assert "of 2 timed steps" in r.stdout
     assert len(calls) == 1 + 2 + 2  # the first (compiling) step, 2 timed, 2 trained
 
 
-def test_resume_refuses_other_settings(small_data, tmp_path, capsys):
+def test_resume_refuses_other_settings(small_data, tmp_path):
     out = tmp_path / "run"
-    assert train_here(small_data, out, "--epochs", "1") == 0
-    capsys.readouterr()
-    assert train_here(small_data, out, "--epochs", "1", "--lr", "0.05", "--resume") == 2
-    err = capsys.readouterr().err.strip()
+    assert run_here(*train_cmd(small_data, out, "--epochs", "1")).returncode == 0
+    r = run_here(*train_cmd(small_data, out, "--epochs", "1", "--lr", "0.05", "--resume"))
+    assert r.returncode == 2
+    err = r.stderr.strip()
     assert "--lr 0.1 (now 0.05)" in err and len(err.splitlines()) == 1, err
 
 
