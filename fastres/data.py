@@ -78,9 +78,10 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
 
 @functools.cache
 def _thread_keeping_loader():
-    """FFCV's Loader sets torch's intra-op thread count to its worker count when it is made and at
-    every epoch; this one puts the count back, so a process computes on the threads it was given
-    (N sweep workers sharing a CPU under OMP_NUM_THREADS) whatever its loaders decode with."""
+    """FFCV's Loader, with two mends: FFCV sets torch's intra-op thread count to its worker count
+    when a loader is made and at every epoch, this one puts the count back, so a process computes
+    on the threads it was given (N sweep workers sharing a CPU under OMP_NUM_THREADS) whatever its
+    loaders decode with; and an epoch left early ends its reading thread."""
     from ffcv.loader import Loader
 
     class ThreadKeepingLoader(Loader):
@@ -92,11 +93,21 @@ def _thread_keeping_loader():
                 torch.set_num_threads(threads)
 
         def __iter__(self):
+            return self._epoch()
+
+        def _epoch(self):
+            """An epoch's batches. Left early (a run stopped mid-epoch, an exception) it stops FFCV's
+            reading thread, which would otherwise wait forever, with its buffers, to hand over its
+            next batch."""
             threads = torch.get_num_threads()
             try:
-                return super().__iter__()
+                batches = super().__iter__()
             finally:
                 torch.set_num_threads(threads)
+            try:
+                yield from batches
+            finally:
+                batches.close()
 
     return ThreadKeepingLoader
 

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -72,6 +73,28 @@ def test_batches_dtype_layout(small_data):
     # Normalized with the manifest's statistics: roughly zero mean and unit std per channel.
     m = x.float().mean(dim=(0, 2, 3))
     assert m.abs().max() < 0.5
+
+
+def test_an_epoch_left_early_stops_its_reading_thread(small_data):
+    """A run stopped mid-epoch (diverged, interrupted, an exception) drops its epoch's batches
+    unread. FFCV reads an epoch on a thread of its own, which would wait forever to hand over its
+    next batch, holding its buffers: a sweep worker running trial after trial would gather them.
+    Training and test epochs alike, each left after its first batch."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    def readers():
+        return {t for t in threading.enumerate() if isinstance(t, EpochIterator)}
+
+    b = Batches(small_data, 100, 50, CPU, seed=0, num_workers=2, augment=False)  # 20 and 10 batches an epoch
+    before = readers()
+    train, test = b.train_epoch(0), b.test()
+    next(train), next(test)
+    started = readers() - before
+    assert len(started) == 2
+    del train, test
+    for t in started:
+        t.join(timeout=10)  # FFCV's thread looks for the stop every 0.5 s
+    assert not [t for t in started if t.is_alive()]
 
 
 def test_loader_workers_keep_the_process_thread_count(small_data):
