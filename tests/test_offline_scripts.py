@@ -38,11 +38,13 @@ def make_wheel(folder, name, version):
 
 def python_beside(tmp_path):
     """A Python of its own (a venv) that also sees this environment's packages (through a .pth
-    file), so that what setup installs lands in the venv, not in the environment the tests run in."""
+    file), so that what setup installs lands in the venv, not in the environment the tests run in.
+    That environment's own .pth files apply too: from Python 3.12 on, FFCV's `import distutils`
+    is served by the one setuptools installs."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next(venv.glob("lib/python*/site-packages"))
-    (site / "beside.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (site / "beside.pth").write_text(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
     return venv / "bin" / "python"
 
 
