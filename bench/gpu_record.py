@@ -41,7 +41,7 @@ WORK = REPO / "runs" / "gpu-record"
 GROUPS = {"loader": "bench/test_loader.py", "step": "bench/test_step.py", "kernels": "bench/test_kernels.py",
           "kernel_host": "bench/test_kernel_host.py", "epoch": "bench/test_epoch.py",
           "baseline": "bench/test_baseline.py", "pack": "bench/test_pack.py",
-          "startup": "bench/test_startup.py"}
+          "startup": "bench/test_startup.py", "rerun": "bench/test_rerun.py"}
 
 
 def run_benchmarks(groups: list[str], env: dict, jsonl: Path, select: str | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # Baseline case of each group: a case whose name contains the word, with the same batch size.
 BASELINES = {"step": "eager_baseline", "loader": "torchvision", "kernel_host": "custom_op", "kernels": "eager",
-             "epoch": "[stream]", "pack": "[k1]", "startup": "[plain]",
+             "epoch": "[stream]", "pack": "[k1]", "startup": "[plain]", "rerun": "[new]",
              "baseline": "torchvision"}
 NOISY = 0.25  # (max - min) / median of the rounds above which a case is flagged
 

@@ -7,8 +7,12 @@ and `augment`/`normalize` are a handful of whole-batch tensor ops, identical on 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import queue
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +50,33 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
     limit: a class-balanced subset of that many images (first ones of each class in file order).
     distributed: FFCV's DistributedSampler gives each rank a disjoint share of the random order.
     shard=(rank, world): keep every world-th image from rank on (disjoint sequential test shards).
+    The loader is one that an earlier run of this process gave back (IDLE_LOADERS) when one with
+    the same file, unchanged, and the same settings waits there.
     """
     import_ffcv()
+    if not Path(path).is_file():
+        raise DataError(path, ".beton file not found (convert CIFAR-10 with fastres-prep)")
+    import numba  # FFCV decodes on numba's threads, which refuses more threads than it has
+
+    # by default as many decoding threads as the process computes with
+    workers = min(num_workers if num_workers > 0 else torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    seed = seed if train else 0  # a sequential order has none: one loader serves every seed's evaluation
+    f = os.stat(path)  # the file as it is now: one converted again is another file
+    key = (os.path.realpath(path), f.st_dev, f.st_ino, f.st_size, f.st_mtime_ns, batch_size, str(device), train,
+           seed, limit, workers, distributed, shard)
+    loader = IDLE_LOADERS.take(key)
+    if loader is None:
+        loader = _new_loader(path, batch_size, device, train, seed, limit, workers, distributed, shard)
+        loader.idle_key = key
+    return loader
+
+
+def _new_loader(path, batch_size: int, device: torch.device, train: bool, seed: int, limit: int | None,
+                workers: int, distributed: bool, shard: tuple[int, int]):
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import OrderOption
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
-    if not Path(path).is_file():
-        raise DataError(path, ".beton file not found (convert CIFAR-10 with fastres-prep)")
     to_dev = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     try:
         indices = balanced_indices(beton_labels(path), limit) if limit else None
@@ -62,10 +85,6 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
     rank, world = shard
     if world > 1:
         indices = (np.arange(len(beton_labels(path))) if indices is None else indices)[rank::world]
-    import numba  # FFCV decodes on numba's threads, which refuses more threads than it has
-
-    # by default as many decoding threads as the process computes with
-    workers = min(num_workers if num_workers > 0 else torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     return _thread_keeping_loader()(
         str(path), batch_size=batch_size, num_workers=workers, os_cache=True,
         order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
@@ -74,6 +93,36 @@ def make_loader(path, batch_size: int, device: torch.device, train: bool, seed: 
             "image": [SimpleRGBImageDecoder(), ToTensor(), *to_dev],
             "label": [IntDecoder(), ToTensor(), Squeeze(-1), *to_dev],
         })
+
+
+class IdleLoaders:
+    """Loaders that runs of this process gave back, for its next runs. FFCV compiles each Loader's
+    pipeline with numba, about 1 s of a run's start on a 2-core CPU, into machine code that lives
+    as long as the process (numba frees none: about 8 MB of memory a loader). A process that
+    trains run after run (a sweep worker's trials, a run's seeds, a notebook) takes a loader made
+    for an earlier run that nothing uses any more, with the same file and settings (make_loader),
+    instead of compiling another; runs alive at the same time (a packed group) have their own.
+    At most `size` wait, the longest idle leaving first."""
+
+    def __init__(self, size: int):
+        self.size, self.idle, self.lock = size, [], threading.Lock()  # idle: (key, loader), oldest first
+
+    def take(self, key: tuple):
+        with self.lock:
+            for i, (k, loader) in enumerate(self.idle):
+                if k == key:
+                    del self.idle[i]
+                    return loader
+        return None
+
+    def give_back(self, *loaders) -> None:
+        """Loaders whose last epoch has ended (every reading thread of theirs has finished)."""
+        with self.lock:
+            self.idle += [(loader.idle_key, loader) for loader in loaders]
+            del self.idle[:len(self.idle) - self.size]  # the longest idle (none when size is 0)
+
+
+IDLE_LOADERS = IdleLoaders(size=16)  # a sweep over 3 batch sizes x 3 seeds keeps 9 + 1 (evaluation)
 
 
 @functools.cache
@@ -108,6 +157,10 @@ def _thread_keeping_loader():
                 yield from batches
             finally:
                 batches.close()
+                while batches.is_alive():  # it sees the stop within 0.5 s, while it waits to hand over a batch,
+                    batches.join(timeout=0.6)
+                    with contextlib.suppress(queue.Empty):  # but not while it waits to hand over the epoch's
+                        batches.output_queue.get_nowait()   # end: a place in its queue (no public way) ends that
 
     return ThreadKeepingLoader
 
@@ -245,9 +298,10 @@ def read_all(path, device: torch.device, limit: int | None = None, shard: tuple[
     """Every image (uint8 (N, 32, 32, 3)) and label (int64 (N,)) of a .beton, in file order (with
     `limit` and `shard` as make_loader takes them), read once through FFCV and put on `device`."""
     xs, ys = [], []
-    for x, y in make_loader(path, 1000, torch.device("cpu"), False, limit=limit, num_workers=num_workers,
-                            shard=shard):
+    loader = make_loader(path, 1000, torch.device("cpu"), False, limit=limit, num_workers=num_workers, shard=shard)
+    for x, y in loader:
         xs.append(x.clone()), ys.append(y.to(torch.int64).clone())
+    IDLE_LOADERS.give_back(loader)
     return torch.cat(xs).to(device), torch.cat(ys).to(device)
 
 
@@ -346,6 +400,8 @@ class StreamedBatches(Batches):
                                         num_workers, distributed)
         self.test_loader = make_loader(d / TEST_FILE, self.eval_batch_size, self.device, False, self.seed,
                                        test_limit, num_workers, distributed=False, shard=(self.rank, self.world))
+        # Given back for the next run of this process once this one is gone (its epochs with it).
+        weakref.finalize(self, IDLE_LOADERS.give_back, self.train_loader, self.test_loader).atexit = False
         return len(self.train_loader)
 
     @property

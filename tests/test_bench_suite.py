@@ -17,7 +17,7 @@ def test_every_group_runs_and_reports(small_data, tmp_path):
     for b in data["benchmarks"]:
         by_group.setdefault(b["group"], []).append(b)
         assert b["stats"]["median"] > 0 and b["stats"]["rounds"] >= 1
-    expected = {"loader", "step", "epoch", "kernel_host", "baseline", "pack", "startup"} | ({"kernels"} if torch.cuda.is_available() else set())
+    expected = {"loader", "step", "epoch", "kernel_host", "baseline", "pack", "startup", "rerun"} | ({"kernels"} if torch.cuda.is_available() else set())
     assert set(by_group) == expected, set(by_group)
     names = {b["name"] for b in by_group["loader"]}
     assert names == {"test_ffcv_device_aug[stream]", "test_ffcv_device_aug[device]", "test_torchvision_dataloader"}

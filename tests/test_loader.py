@@ -1,13 +1,16 @@
 """FFCV loaders: seeded random order per epoch, drop_last, sequential test order, subsets."""
 import os
+import shutil
 import subprocess
 import sys
 import threading
 
 import numpy as np
+import pytest
 import torch
 
 from data_prep import TRAIN_FILE
+import fastres.data as D
 from fastres.data import Batches, make_loader
 
 CPU = torch.device("cpu")
@@ -75,17 +78,20 @@ def test_batches_dtype_layout(small_data):
     assert m.abs().max() < 0.5
 
 
-def test_an_epoch_left_early_stops_its_reading_thread(small_data):
+@pytest.mark.parametrize("batch_size, eval_batch_size", [(100, 50), (500, 125)], ids=["mid_epoch", "at_its_end"])
+def test_an_epoch_left_early_stops_its_reading_thread(small_data, batch_size, eval_batch_size):
     """A run stopped mid-epoch (diverged, interrupted, an exception) drops its epoch's batches
-    unread. FFCV reads an epoch on a thread of its own, which would wait forever to hand over its
-    next batch, holding its buffers: a sweep worker running trial after trial would gather them.
-    Training and test epochs alike, each left after its first batch."""
+    unread. FFCV reads an epoch on a thread of its own, which would wait forever to hand over a
+    batch, holding its buffers: a sweep worker running trial after trial would gather them.
+    Training and test epochs alike, each left after its first batch: with 20 and 10 batches an
+    epoch, the thread waits to hand over its next batch; with 4 (FFCV reads 3 ahead) it has read
+    them all and waits to hand over the epoch's end."""
     from ffcv.loader.epoch_iterator import EpochIterator
 
     def readers():
         return {t for t in threading.enumerate() if isinstance(t, EpochIterator)}
 
-    b = Batches(small_data, 100, 50, CPU, seed=0, num_workers=2, augment=False)  # 20 and 10 batches an epoch
+    b = Batches(small_data, batch_size, eval_batch_size, CPU, seed=0, num_workers=2, augment=False)
     before = readers()
     train, test = b.train_epoch(0), b.test()
     next(train), next(test)
@@ -95,6 +101,39 @@ def test_an_epoch_left_early_stops_its_reading_thread(small_data):
     for t in started:
         t.join(timeout=10)  # FFCV's thread looks for the stop every 0.5 s
     assert not [t for t in started if t.is_alive()]
+
+
+def test_a_later_run_of_the_process_takes_an_idle_loader(small_data, tmp_path, monkeypatch):
+    """FFCV compiles a pipeline for each Loader (about 1 s; numba never frees the code): a run made
+    after an earlier one is gone takes its loaders with the same file and settings, and reads the
+    same batches from them as from new ones. Runs alive together never share one; another seed
+    has a training loader of its own but the same evaluation loader; a file converted again
+    (here: only its time changed) gets new ones."""
+    monkeypatch.setattr(D, "IDLE_LOADERS", D.IdleLoaders(size=16))
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    settings = dict(batch_size=100, eval_batch_size=50, device=CPU, num_workers=2, augment=False)
+    a, b = Batches(data, seed=1, **settings), Batches(data, seed=1, **settings)
+    assert not {a.train_loader, a.test_loader} & {b.train_loader, b.test_loader}
+    labels = epoch_labels(a, 3)
+    made = {id(a.train_loader), id(a.test_loader), id(b.train_loader), id(b.test_loader)}
+    del a, b
+    c = Batches(data, seed=1, **settings)
+    assert {id(c.train_loader), id(c.test_loader)} <= made
+    assert np.array_equal(epoch_labels(c, 3), labels)
+    d = Batches(data, seed=2, **settings)
+    assert id(d.train_loader) not in made and id(d.test_loader) in made and d.test_loader is not c.test_loader
+    del c, d
+    os.utime(data / TRAIN_FILE)
+    e = Batches(data, seed=1, **settings)
+    assert id(e.train_loader) not in made and id(e.test_loader) in made
+    # Resident data is read once per run, through loaders given back as soon as it is read.
+    def readers():
+        return {id(loader) for _, loader in D.IDLE_LOADERS.idle if loader.batch_size == 1000}
+    Batches(data, seed=1, placement="device", **settings)
+    first = readers()
+    Batches(data, seed=2, placement="device", **settings)
+    assert len(first) == 2 and readers() == first
 
 
 def test_loader_workers_keep_the_process_thread_count(small_data):
