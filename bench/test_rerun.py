@@ -7,6 +7,8 @@ The run is the same in both cases: ResNet-8 for one short epoch, evaluated, with
 results; only the run's fixed costs differ. One run before the timed rounds fills the idle
 loaders and compiles what the first run of a process compiles.
 """
+import itertools
+
 import pytest
 
 from bench.common import CUDA, MINIMAL
@@ -22,7 +24,7 @@ def test_next_run(benchmark, bench_data, tmp_path, monkeypatch, loaders):
     monkeypatch.setattr(D, "IDLE_LOADERS", D.IdleLoaders(size=16 if loaders == "idle" else 0))
     over = {"depth": 8, "epochs": 1, "train_limit": 6400 if CUDA else 512, "test_limit": 1000 if CUDA else 200,
             "data": str(bench_data)}
-    runs = iter(range(100))
+    runs = itertools.count()  # each run in a folder of its own
 
     def run():
         rec = train(make_config("paper", {**over, "out": str(tmp_path / f"r{next(runs)}")}), log=lambda *a, **k: None)

@@ -147,7 +147,7 @@ def _thread_keeping_loader():
         def _epoch(self):
             """An epoch's batches. Left early (a run stopped mid-epoch, an exception) it stops FFCV's
             reading thread, which would otherwise wait forever, with its buffers, to hand over its
-            next batch."""
+            next batch or the epoch's end."""
             threads = torch.get_num_threads()
             try:
                 batches = super().__iter__()

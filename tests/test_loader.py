@@ -128,12 +128,12 @@ def test_a_later_run_of_the_process_takes_an_idle_loader(small_data, tmp_path, m
     e = Batches(data, seed=1, **settings)
     assert id(e.train_loader) not in made and id(e.test_loader) in made
     # Resident data is read once per run, through loaders given back as soon as it is read.
-    def readers():
+    def idle_readers():  # read_all's loaders (batches of 1,000) waiting in the pool
         return {id(loader) for _, loader in D.IDLE_LOADERS.idle if loader.batch_size == 1000}
     Batches(data, seed=1, placement="device", **settings)
-    first = readers()
+    first = idle_readers()
     Batches(data, seed=2, placement="device", **settings)
-    assert len(first) == 2 and readers() == first
+    assert len(first) == 2 and idle_readers() == first
 
 
 def test_loader_workers_keep_the_process_thread_count(small_data):
